@@ -1,0 +1,6 @@
+"""The `mtp-asr` command line: thin click wrappers around library code, one module per concern."""
+import click
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main():
+    """mtp_asr: Speech-LLaMA ASR with multi-token-prediction decoding."""

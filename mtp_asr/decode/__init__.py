@@ -1,0 +1,1 @@
+"""Decoding: greedy, threshold and verification MTP decoding, beam searches, lattices."""

@@ -1,0 +1,169 @@
+"""Batched autoregressive decoding with multi-token prediction: `greedy`, `mtp-threshold` and `mtp-verify` share
+one loop over decoder calls.
+
+Each call feeds every live row a block `[pending tokens][drafts]` (right-padded to the longest row) into the KV cache
+after that row's accepted positions (see `mtp_asr.model.llama` for the per-row cache lengths):
+
+- pending tokens are already part of the output but not yet in the cache;
+- drafts are guesses, checked in this very call: draft j is accepted when it equals head 1's argmax at the position
+  before it and every earlier draft was accepted (blockwise parallel decoding, Stern et al. 2018).
+
+Head 1's argmax at the last kept position is always emitted (the correction after a rejected draft, or a bonus token
+after all were accepted). What happens with heads 2..K at that position is the method:
+
+- `greedy` (K = 1): nothing; one token per call.
+- `mtp-threshold`: head k's argmax is emitted too while every earlier one was and its probability >= tau; all the
+  emitted tokens are fed (pending) in the next call. Lossy.
+- `mtp-verify`: heads 2..K give the next call's drafts. Output identical to greedy.
+
+A row leaves the batch (and its cache rows are dropped) once it emits EOS or reaches its length limit.
+Decoder calls are counted per utterance (the calls its row took part in, independent of batching) and per batch.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mtp_asr.model.lm import MTPLanguageModel
+
+METHODS = ("greedy", "mtp-threshold", "mtp-verify")
+
+
+@dataclass
+class Hypothesis:
+    tokens: list  # transcript tokens, without EOS
+    decoder_calls: int  # calls this utterance took part in (the prefill included)
+    finished: bool = False  # emitted EOS (False: stopped at the length limit)
+
+
+@dataclass
+class GenerateOutput:
+    hyps: list  # one Hypothesis per row, in input order
+    batch_calls: int  # decoder forward passes run for the whole batch
+    accepted_per_head: list = field(default_factory=list)  # emitted tokens that came from head k (k = 1..K)
+
+
+@torch.inference_mode()
+def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: str = "greedy",
+             num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200) -> GenerateOutput:
+    """Decode every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
+
+    num_heads: heads to use (default: all of the model's; `greedy` uses 1). max_new_tokens: an int or a (B,) tensor
+    of per-row limits, EOS excluded.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
+    K = 1 if method == "greedy" else (num_heads or lm.num_heads)
+    if not 1 <= K <= lm.num_heads:
+        raise ValueError(f"num_heads must be in 1..{lm.num_heads} for this model (got {K})")
+    if method == "mtp-threshold" and threshold < 0:
+        raise ValueError(f"threshold must be >= 0 (got {threshold})")
+    B, device = prefix.shape[0], prefix.device
+    limits = torch.as_tensor(max_new_tokens, device=device).expand(B).clone()
+    verify = method == "mtp-verify"
+
+    cache = lm.decoder.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * K + 1,
+                                 lm.heads.num_cache_layers, dtype=prefix.dtype)
+    rows = torch.arange(B, device=device)  # original row index of each live row
+    out = [[] for _ in range(B)]
+    calls = [0] * B
+    done = [False] * B
+    from_head = [0] * K
+    eos = lm.eos_id
+
+    # The first call is the prefill: the prompts are "pending" and nothing is drafted.
+    block, n_pending = prefix, prefix_lens.clone()
+    n_draft = torch.zeros(B, dtype=torch.long, device=device)
+    batch_calls = 0
+    while rows.numel():
+        T = block.shape[1]
+        x = block if block.dim() == 3 else lm.embed(block)
+        geometry = cache.call_geometry(T)
+        hidden = lm.decoder(x, cache, geometry)
+        states = lm.heads.states(lm.decoder, hidden, cache, geometry)
+        batch_calls += 1
+        live = rows.shape[0]
+        ar = torch.arange(live, device=device)
+
+        # Head 1 at the last pending position and at every draft position: verifies drafts, gives the next token.
+        q = int(n_draft.max())
+        offs = (n_pending - 1)[:, None] + torch.arange(q + 1, device=device)
+        offs = offs.clamp(max=T - 1)
+        g = lm.heads.logits(lm.decoder, 0, states[0][ar[:, None], offs]).argmax(-1)  # (live, q+1)
+        if q:
+            drafts = _draft_columns(block, n_pending, q)
+            ok = (drafts == g[:, :q]) & (torch.arange(q, device=device) < n_draft[:, None])
+            accepted = ok.long().cumprod(dim=1).sum(dim=1)  # leading run of accepted drafts
+        else:
+            drafts = None
+            accepted = torch.zeros(live, dtype=torch.long, device=device)
+        cache.lengths += n_pending + accepted
+        last = n_pending - 1 + accepted  # the last kept position in this call's block
+        correction = g[ar, accepted]
+
+        # Heads 2..K at the last kept position.
+        extra = extra_p = None
+        if K > 1 and (verify or method == "mtp-threshold"):
+            logits = torch.stack([lm.heads.logits(lm.decoder, k, states[k][ar, last]) for k in range(1, K)], 1)
+            extra = logits.argmax(-1)  # (live, K-1)
+            if not verify:
+                extra_p = torch.softmax(logits.float(), -1).gather(-1, extra[..., None])[..., 0]
+
+        # Emit, on the host: accepted drafts, the correction, and (threshold) confident head tokens.
+        acc_l, corr_l = accepted.tolist(), correction.tolist()
+        drafts_l = drafts.tolist() if drafts is not None else None
+        extra_l = extra.tolist() if extra is not None else None
+        if extra_p is not None:
+            confident = (extra_p >= threshold).long().cumprod(dim=1).sum(dim=1).tolist()
+        keep, next_pending, next_drafts = [], [], []
+        for i, r in enumerate(rows.tolist()):
+            calls[r] += 1
+            new = (drafts_l[i][: acc_l[i]] if drafts_l else []) + [corr_l[i]]
+            sources = list(range(2, 2 + acc_l[i])) if verify else [1] * acc_l[i]
+            sources.append(1)
+            if extra_p is not None:
+                new += extra_l[i][: confident[i]]
+                sources += list(range(2, 2 + confident[i]))
+            finished = False
+            for tok, src in zip(new, sources):
+                if tok == eos:
+                    finished = True
+                    done[r] = True
+                    break
+                out[r].append(tok)
+                from_head[src - 1] += 1
+                if len(out[r]) >= limits[r]:
+                    finished = True
+                    break
+            if finished:
+                continue
+            keep.append(i)
+            next_pending.append(new[acc_l[i]:])  # the accepted drafts are in the cache already
+            next_drafts.append(extra_l[i] if verify and extra_l else [])
+        if not keep:
+            break
+        if len(keep) < live:
+            idx = torch.tensor(keep, device=device)
+            cache.select(idx)
+            rows = rows[idx]
+        block, n_pending, n_draft = _next_block(next_pending, next_drafts, device)
+
+    hyps = [Hypothesis(out[r], calls[r], done[r]) for r in range(B)]
+    return GenerateOutput(hyps, batch_calls, from_head)
+
+
+def _draft_columns(block: Tensor, n_pending: Tensor, q: int) -> Tensor:
+    """The q draft tokens of each row, which start right after its pending tokens."""
+    cols = n_pending[:, None] + torch.arange(q, device=block.device)
+    return block.gather(1, cols.clamp(max=block.shape[1] - 1))
+
+
+def _next_block(pending: list, drafts: list, device) -> tuple[Tensor, Tensor, Tensor]:
+    width = max(len(p) + len(d) for p, d in zip(pending, drafts))
+    block = torch.zeros(len(pending), width, dtype=torch.long)
+    for i, (p, d) in enumerate(zip(pending, drafts)):
+        block[i, : len(p) + len(d)] = torch.tensor(p + d)
+    n_pending = torch.tensor([len(p) for p in pending])
+    n_draft = torch.tensor([len(d) for d in drafts])
+    return block.to(device), n_pending.to(device), n_draft.to(device)

@@ -1,0 +1,1 @@
+"""Speech-LLaMA model parts: encoder, adapter, LLaMA decoder with KV cache, MTP heads."""

@@ -1,0 +1,83 @@
+"""Speech encoder: convolutional subsampling (x4 in time) + Conformer blocks, with an optional CTC head."""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchaudio.models import Conformer
+
+
+@dataclass
+class EncoderConfig:
+    feat_dim: int = 80
+    dim: int = 144
+    num_layers: int = 4
+    num_heads: int = 4
+    ffn_dim: int = 576
+    conv_kernel: int = 15
+    subsampling_channels: int = 64
+    dropout: float = 0.1
+    ctc: bool = True  # a CTC head on the encoder output (auxiliary loss; drafts for ctc-verify)
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"encoder.dim ({self.dim}) must be divisible by encoder.num_heads ({self.num_heads})")
+        if self.conv_kernel % 2 == 0:
+            raise ValueError(f"encoder.conv_kernel must be odd (got {self.conv_kernel})")
+
+
+def subsampled_lengths(lengths: Tensor) -> Tensor:
+    """Frames after two 3x3 convolutions with stride 2 and no padding."""
+    return ((lengths - 1) // 2 - 1) // 2
+
+
+class Conv2dSubsampling(nn.Module):
+    def __init__(self, feat_dim: int, channels: int, dim: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU(),
+        )
+        freq = ((feat_dim - 1) // 2 - 1) // 2
+        self.out = nn.Linear(channels * freq, dim)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.conv(x.unsqueeze(1))  # (B, C, T', F')
+        B, C, T, F = x.shape
+        return self.out(x.transpose(1, 2).reshape(B, T, C * F)), subsampled_lengths(lengths)
+
+
+class SpeechEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.subsampling = Conv2dSubsampling(cfg.feat_dim, cfg.subsampling_channels, cfg.dim)
+        self.conformer = Conformer(
+            input_dim=cfg.dim, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+            depthwise_conv_kernel_size=cfg.conv_kernel, dropout=cfg.dropout,
+        )
+        # CTC over the decoder's vocabulary plus a blank, which takes the last index.
+        self.ctc_head = nn.Linear(cfg.dim, vocab_size + 1) if cfg.ctc else None
+        self.blank_id = vocab_size
+        # torchaudio's depthwise convolutions would mix padding frames into the last valid frames, so a batched
+        # utterance would encode differently from the same utterance alone: zero the padding right before them.
+        self._valid = None
+        for layer in self.conformer.conformer_layers:
+            layer.conv_module.sequential[2].register_forward_pre_hook(self._mask_padding)
+
+    def _mask_padding(self, module, args):
+        return (args[0] * self._valid,) if self._valid is not None else None
+
+    def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """feats (B, T, F) -> encoder frames (B, T/4, dim) and their lengths."""
+        if feats.shape[1] < 7:
+            raise ValueError(f"input of {feats.shape[1]} frames is too short for the x4 subsampling (needs >= 7)")
+        x, lens = self.subsampling(feats, feat_lens)
+        lens = lens.clamp(min=1, max=x.shape[1])
+        self._valid = (torch.arange(x.shape[1], device=x.device) < lens[:, None]).unsqueeze(1).to(x.dtype)
+        try:
+            return self.conformer(x, lens)
+        finally:
+            self._valid = None
+
+    def ctc_log_probs(self, frames: Tensor) -> Tensor:
+        return torch.log_softmax(self.ctc_head(frames).float(), dim=-1)

@@ -1,0 +1,122 @@
+"""Multi-token-prediction heads: head k predicts token u+k from the trunk state at position u.
+
+Head 1 is always the decoder's own LM head (final norm + un-embedding), so a model with K heads decodes greedily
+exactly like its next-token model, and heads 2..K can be trained on a frozen trunk without changing that model.
+The kinds differ in how heads 2..K turn the trunk state into logits (d = model width, V = vocabulary):
+
+- `linear`: an independent d x V projection per head, initialised from the LM head (paper: "independent heads");
+- `latent`: latent-space expansion, a d x d matrix A_k per head, then the shared un-embedding; A_k starts as the
+  identity, so every head starts as the LM head (paper);
+- `medusa`: a residual block h + SiLU(W_k h + b_k) per head (W_k starts at zero), then the shared un-embedding;
+- `layer`: one extra transformer layer per head on the trunk's last hidden state, its own final norm, then the
+  shared un-embedding (Gloeckle et al. 2024); these layers keep KV-cache slots after the trunk's.
+
+A forward pass gives per-head states (what goes into each head's un-embedding) and logits are computed separately,
+so decoding can project only the positions it needs.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from mtp_asr.model.llama import DecoderLayer, KVCache, LlamaDecoder, RMSNorm
+
+HEAD_KINDS = ("linear", "latent", "medusa", "layer")
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int = 1  # K; 1 is plain next-token prediction
+    kind: str = "latent"
+    # Loss weight per head (length K); None: 1.0 for every head.
+    loss_weights: Optional[list] = field(default=None)
+
+    def __post_init__(self):
+        if self.num_heads < 1:
+            raise ValueError(f"heads.num_heads must be >= 1 (got {self.num_heads})")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"heads.kind must be one of {', '.join(HEAD_KINDS)} (got {self.kind!r})")
+        if self.loss_weights is not None and len(self.loss_weights) != self.num_heads:
+            raise ValueError(
+                f"heads.loss_weights has {len(self.loss_weights)} values for {self.num_heads} heads"
+            )
+
+    @property
+    def weights(self) -> list:
+        return list(self.loss_weights) if self.loss_weights is not None else [1.0] * self.num_heads
+
+
+class MTPHeads(nn.Module):
+    """Heads 2..K on top of a `LlamaDecoder` (head 1 is the decoder's own `norm` + `lm_head`)."""
+
+    def __init__(self, cfg: HeadsConfig, decoder: LlamaDecoder):
+        super().__init__()
+        self.cfg = cfg
+        self.kind = cfg.kind
+        self.num_heads = cfg.num_heads
+        d, V, extra = decoder.cfg.dim, decoder.cfg.vocab_size, cfg.num_heads - 1
+        if self.kind == "linear":
+            self.proj = nn.ModuleList(nn.Linear(d, V, bias=False) for _ in range(extra))
+            for p in self.proj:
+                p.weight.data.copy_(decoder.lm_head.weight.data)
+        elif self.kind == "latent":
+            self.latent = nn.ParameterList(nn.Parameter(torch.eye(d)) for _ in range(extra))
+        elif self.kind == "medusa":
+            self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(extra))
+            for b in self.blocks:
+                nn.init.zeros_(b.weight)
+                nn.init.zeros_(b.bias)
+        else:  # layer
+            self.layers = nn.ModuleList(DecoderLayer(decoder.cfg) for _ in range(extra))
+            self.norms = nn.ModuleList(RMSNorm(d, decoder.cfg.norm_eps) for _ in range(extra))
+            for layer, norm in zip(self.layers, self.norms):
+                layer.load_state_dict(decoder.layers[-1].state_dict())
+                norm.load_state_dict(decoder.norm.state_dict())
+
+    @property
+    def num_cache_layers(self) -> int:
+        """KV-cache layers these heads need after the trunk's."""
+        return self.num_heads - 1 if self.kind == "layer" else 0
+
+    def states(self, decoder: LlamaDecoder, hidden: Tensor, cache: Optional[KVCache] = None,
+               geometry=None) -> list:
+        """Per-head inputs to the un-embedding, [head 1, ..., head K], each (B, T, d), from the trunk output `hidden`
+        (before the final norm). For `layer` heads with a cache, `geometry` must be the call's geometry."""
+        normed = decoder.norm(hidden)
+        out = [normed]
+        if self.kind == "linear":
+            out += [normed] * (self.num_heads - 1)
+        elif self.kind == "latent":
+            out += [normed @ a.T for a in self.latent]
+        elif self.kind == "medusa":
+            out += [normed + nn.functional.silu(b(normed)) for b in self.blocks]
+        elif self.num_heads > 1:
+            if cache is None:
+                positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+                mask, span = None, 0
+            else:
+                positions, mask, span = geometry
+            base = decoder.cfg.n_layers
+            for j, (layer, norm) in enumerate(zip(self.layers, self.norms)):
+                out.append(norm(layer(hidden, decoder.rotary, positions, cache, base + j, mask, span)))
+        return out
+
+    def logits(self, decoder: LlamaDecoder, head: int, state: Tensor) -> Tensor:
+        """Logits of head `head` (0-based: 0 is the LM head) from its state."""
+        if self.kind == "linear" and head > 0:
+            return self.proj[head - 1](state)
+        return decoder.lm_head(state)
+
+
+def extra_head_params(kind: str, num_heads: int, dim: int, vocab_size: int, ffn_dim: int = 0, kv_dim: int = 0) -> int:
+    """Parameters that heads 2..K add to the decoder, by formula (the tests check it against the modules)."""
+    d, V = dim, vocab_size
+    per_head = {
+        "linear": d * V,
+        "latent": d * d,
+        "medusa": d * d + d,
+        # attention (q, o: d*d; k, v: d*kv_dim), SwiGLU (3*d*ffn), two layer norms and the head's final norm
+        "layer": 2 * d * d + 2 * d * kv_dim + 3 * d * ffn_dim + 3 * d,
+    }[kind]
+    return (num_heads - 1) * per_head

@@ -1,0 +1,219 @@
+"""A LLaMA-architecture decoder (RMSNorm, rotary positions, SwiGLU, grouped-query attention) with a preallocated KV
+cache that holds a different number of tokens in each row of a batch.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` (minus its `model.` prefix), so its checkpoints load by name.
+
+Per-row cache lengths: row r of the cache holds `lengths[r]` valid positions. A call with T new embeddings writes them
+at positions `lengths[r] .. lengths[r]+T-1` (rotary positions are the same numbers) and query i of row r attends to
+keys `< lengths[r] + i + 1`. The call does not advance `lengths`: the decoding algorithm decides afterwards how many of
+the T positions it keeps (`cache.lengths += accepted`); anything past the new length is stale, masked out, and
+overwritten by the next call. Prefill is the same with lengths 0 and right-padded prompts.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 500
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: as many as query heads (no grouping)
+    ffn_dim: Optional[int] = None  # None: LLaMA's rule, 8/3 * dim rounded up to a multiple of 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = 64 * ((8 * self.dim // 3 + 63) // 64)
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"decoder: dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
+                f"and n_heads by n_kv_heads ({self.n_kv_heads})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32, as LLaMA does, so bf16 activations do not lose the mean square.
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary embeddings in the half-split layout of Hugging Face's LLaMA (rotate_half), looked up by position."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: (B, H, T, hd); positions: (B, T)."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for `n_layers` attention layers, with a valid length per row."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (and reorder, or duplicate) the given rows: drops finished rows, reorders beam hypotheses."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+        self.lengths = self.lengths.index_select(0, rows)
+
+    def call_geometry(self, num_new: int) -> tuple[Tensor, Tensor, int]:
+        """Positions (B, T), attention mask (B, 1, T, S) and the key span S for a call adding `num_new` positions."""
+        if int(self.lengths.max()) + num_new > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {int(self.lengths.max())} + {num_new} > {self.max_len} positions")
+        offsets = torch.arange(num_new, device=self.lengths.device)
+        positions = self.lengths[:, None] + offsets  # (B, T)
+        span = int(positions.max()) + 1
+        keys = torch.arange(span, device=self.lengths.device)
+        mask = keys[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        return positions, mask[:, None], span
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, rotary: Rotary, positions: Tensor, cache: Optional[KVCache] = None,
+                layer: int = 0, mask: Optional[Tensor] = None, span: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotary(q, positions), rotary(k, positions)
+        if cache is not None:
+            rows = torch.arange(B, device=x.device)[:, None]
+            # Advanced indexing puts (B, T) first: the slot for row b, new position i is [b, :, positions[b, i]].
+            cache.k[layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+            k, v = cache.k[layer][:, :, :span], cache.v[layer][:, :, :span]
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            # Right-padded training batches need no padding mask: causal queries never see the padding after them.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=p)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = FeedForward(cfg)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rotary: Rotary, positions: Tensor, cache: Optional[KVCache] = None,
+                layer: int = 0, mask: Optional[Tensor] = None, span: int = 0) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, positions, cache, layer, mask, span))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class LlamaDecoder(nn.Module):
+    """The trunk: embeddings, layers, final norm and the un-embedding (`lm_head`, which is MTP head 1)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.apply(_init_weights)
+
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None, geometry=None) -> Tensor:
+        """Run the layers on embeddings x (B, T, dim); returns the last layer's output before the final norm.
+
+        Without a cache: a causal pass over positions 0..T-1 (training). With a cache: T new positions per row after
+        the cached ones; `geometry` (from `cache.call_geometry(T)`) may be passed in when it is shared with MTP layers.
+        """
+        if cache is None:
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            mask, span = None, 0
+        else:
+            positions, mask, span = geometry or cache.call_geometry(x.shape[1])
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rotary, positions, cache, i, mask, span)
+        return x
+
+    def new_cache(self, batch: int, max_len: int, extra_layers: int = 0, dtype=None) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.cfg.n_layers + extra_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+                       dtype or p.dtype, p.device)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

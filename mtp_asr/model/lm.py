@@ -1,0 +1,112 @@
+"""The decoder language model with its multi-token-prediction heads: the part of Speech-LLaMA that can be
+pre-trained on text alone and that every decoding method calls.
+
+Sequences are a prefix of embeddings (`[BOS]` for text, `[BOS] audio [SEP]` for speech) followed by the transcript
+`y_1 .. y_U`; the last prefix position predicts y_1 with head 1, y_2 with head 2, ... In general head k at the
+position whose head-1 target is t_j predicts t_{j+k-1}, where t = y_1 .. y_U EOS; targets past EOS are ignored.
+"""
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtp_asr.model.heads import HeadsConfig, MTPHeads
+from mtp_asr.model.llama import LlamaConfig, LlamaDecoder
+
+IGNORE = -100
+
+
+@dataclass
+class LossOutput:
+    """The loss to back-propagate, plus sums and counts for logging (they add up across batches and ranks)."""
+
+    loss: Tensor
+    head_loss_sum: Tensor  # (K,) summed cross-entropy per head
+    head_correct: Tensor  # (K,) argmax hits per head
+    head_count: Tensor  # (K,) labelled positions per head
+    num_utts: int
+    ctc_loss_sum: Optional[Tensor] = None  # summed over utterances, when a CTC loss was computed
+
+
+def mtp_labels(labels: Tensor, num_heads: int) -> list:
+    """Per-head labels from head 1's: head k at position i gets head 1's label at i+k-1, where position i has a
+    label itself (positions before the transcript stay ignored) and the shifted one exists (else ignored)."""
+    out = [labels]
+    for k in range(1, num_heads):
+        shifted = torch.full_like(labels, IGNORE)
+        shifted[:, :-k] = labels[:, k:]
+        shifted[labels == IGNORE] = IGNORE
+        out.append(shifted)
+    return out
+
+
+class MTPLanguageModel(nn.Module):
+    def __init__(self, decoder: LlamaConfig, heads: HeadsConfig, bos_id: int = 1, eos_id: int = 2):
+        super().__init__()
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.decoder = LlamaDecoder(decoder)
+        self.heads = MTPHeads(heads, self.decoder)
+        self.head_weights = heads.weights
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads.num_heads
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.decoder.embed_tokens(tokens)
+
+    # ---- training losses --------------------------------------------------------------------------------------
+    def append_tokens(self, prefix: Tensor, prefix_lens: Tensor, tokens: Sequence[Sequence[int]]
+                      ) -> tuple[Tensor, Tensor]:
+        """Put each row's transcript embeddings right after its prefix; return the inputs (B, T, dim) and head 1's
+        labels (B, T): the last prefix position predicts y_1, ..., y_U's position predicts EOS."""
+        B, P, D = prefix.shape
+        device = prefix.device
+        lens = torch.tensor([len(t) for t in tokens], device=device)
+        T = int((prefix_lens + lens).max())
+        x = torch.cat([prefix, prefix.new_zeros(B, max(T - P, 0), D)], dim=1)[:, :T].clone()
+        labels = torch.full((B, T), IGNORE, dtype=torch.long, device=device)
+        Umax = int(lens.max()) if B else 0
+        tok = torch.full((B, Umax + 1), self.eos_id, dtype=torch.long, device=device)
+        for b, t in enumerate(tokens):
+            tok[b, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
+        j = torch.arange(Umax + 1, device=device)
+        has_input = j[None, :] < lens[:, None]  # y_1..y_U are inputs; EOS is only a target
+        rows = torch.arange(B, device=device)[:, None].expand(-1, Umax + 1)
+        pos = prefix_lens[:, None] + j[None, :]
+        x[rows[has_input], pos[has_input]] = self.embed(tok[has_input]).to(x.dtype)
+        has_label = j[None, :] <= lens[:, None]
+        labels[rows[has_label], (pos - 1)[has_label]] = tok[has_label]
+        return x, labels
+
+    def mtp_loss(self, x: Tensor, labels: Tensor, weights: Optional[Sequence[float]] = None) -> LossOutput:
+        """Weighted sum of the heads' mean cross-entropies on inputs x with head-1 labels; plus per-head sums."""
+        weights = weights or self.head_weights
+        hidden = self.decoder(x)
+        states = self.heads.states(self.decoder, hidden)
+        K = self.num_heads
+        loss = x.new_zeros((), dtype=torch.float32)
+        loss_sum, correct, count = (torch.zeros(K, device=x.device) for _ in range(3))
+        for k, lab in enumerate(mtp_labels(labels, K)):
+            sel = lab != IGNORE
+            n = int(sel.sum())
+            if n == 0:
+                continue
+            logits = self.heads.logits(self.decoder, k, states[k][sel]).float()
+            ce = F.cross_entropy(logits, lab[sel], reduction="sum")
+            loss = loss + weights[k] * ce / n
+            loss_sum[k] = ce.detach()
+            correct[k] = (logits.argmax(-1) == lab[sel]).sum()
+            count[k] = n
+        return LossOutput(loss, loss_sum, correct, count, x.shape[0])
+
+    def forward(self, tokens: Sequence[Sequence[int]], head_weights: Optional[Sequence[float]] = None
+                ) -> LossOutput:
+        """Text-only loss (decoder pre-training): `[BOS] y_1 .. y_U [EOS]`, every head on every token."""
+        B = len(tokens)
+        device = self.decoder.embed_tokens.weight.device
+        bos = self.decoder.embed_tokens(torch.full((B, 1), self.bos_id, device=device))
+        x, labels = self.append_tokens(bos, torch.ones(B, dtype=torch.long, device=device), tokens)
+        return self.mtp_loss(x, labels, head_weights)

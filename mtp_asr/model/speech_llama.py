@@ -1,0 +1,85 @@
+"""Speech-LLaMA: encoder -> adapter -> audio embeddings that prompt the decoder LM with K multi-token heads.
+
+Prompt per utterance: `[BOS] a_1 .. a_A [SEP] y_1 .. y_U [EOS]`, where [SEP] is a learned embedding (so any tokenizer,
+a pretrained LLM's included, works unchanged). The loss covers the transcript only (see `mtp_asr.model.lm`).
+"""
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtp_asr.model.adapter import Adapter, AdapterConfig
+from mtp_asr.model.encoder import EncoderConfig, SpeechEncoder
+from mtp_asr.model.heads import HeadsConfig
+from mtp_asr.model.llama import LlamaConfig
+from mtp_asr.model.lm import LossOutput, MTPLanguageModel
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    decoder: LlamaConfig = field(default_factory=LlamaConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    bos_id: int = 1
+    eos_id: int = 2
+
+
+@dataclass
+class Encoded:
+    frames: Tensor  # encoder output (B, T, enc_dim)
+    frame_lens: Tensor
+    audio: Tensor  # audio embeddings (B, A, dim)
+    audio_lens: Tensor
+
+
+class SpeechLlama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = SpeechEncoder(cfg.encoder, cfg.decoder.vocab_size)
+        self.adapter = Adapter(cfg.adapter, cfg.encoder.dim, cfg.decoder.dim)
+        self.sep = nn.Parameter(torch.randn(cfg.decoder.dim) * 0.02)
+        self.lm = MTPLanguageModel(cfg.decoder, cfg.heads, cfg.bos_id, cfg.eos_id)
+
+    @property
+    def num_heads(self) -> int:
+        return self.lm.num_heads
+
+    def encode(self, feats: Tensor, feat_lens: Tensor) -> Encoded:
+        frames, frame_lens = self.encoder(feats, feat_lens)
+        # Zero the padding so the adapter's last stack of a short utterance sees zeros, whatever its batch.
+        valid = torch.arange(frames.shape[1], device=frames.device) < frame_lens[:, None]
+        audio, audio_lens = self.adapter(frames * valid.unsqueeze(-1).to(frames.dtype), frame_lens)
+        return Encoded(frames, frame_lens, audio, audio_lens)
+
+    def prompt(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """`[BOS] audio [SEP]` per row, left-aligned and right-padded: (B, A+2, dim) and the prompt lengths."""
+        B, A, D = audio.shape
+        rows = torch.arange(B, device=audio.device)
+        bos = self.lm.embed(torch.tensor(self.cfg.bos_id, device=audio.device)).to(audio.dtype)
+        emb = torch.cat([bos.expand(B, 1, D), audio, audio.new_zeros(B, 1, D)], dim=1)
+        emb[rows, audio_lens + 1] = self.sep.to(audio.dtype)
+        return emb, audio_lens + 2
+
+    def forward(self, feats: Tensor, feat_lens: Tensor, tokens: Sequence[Sequence[int]],
+                head_weights: Optional[Sequence[float]] = None, ctc_weight: float = 0.0) -> LossOutput:
+        enc = self.encode(feats, feat_lens)
+        prefix, prefix_lens = self.prompt(enc.audio, enc.audio_lens)
+        x, labels = self.lm.append_tokens(prefix, prefix_lens, tokens)
+        out = self.lm.mtp_loss(x, labels, head_weights)
+        if ctc_weight > 0:
+            if self.encoder.ctc_head is None:
+                raise ValueError("a CTC weight > 0 needs a model with encoder.ctc: true")
+            out.ctc_loss_sum = self.ctc_loss(enc, tokens)
+            out.loss = out.loss + ctc_weight * out.ctc_loss_sum / len(tokens)
+        return out
+
+    def ctc_loss(self, enc: Encoded, tokens: Sequence[Sequence[int]]) -> Tensor:
+        log_probs = self.encoder.ctc_log_probs(enc.frames)
+        targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+        target_lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
+        return F.ctc_loss(log_probs.transpose(0, 1), targets, enc.frame_lens.cpu(), target_lens,
+                          blank=self.encoder.blank_id, reduction="sum", zero_infinity=True)
