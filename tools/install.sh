@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or updates) the project's environment: Debian packages for the demo corpus, a venv under tools/venv
-# with mtp_asr installed editable plus its dev extras. Safe to run again: finished steps are skipped.
+# with mtp_asr installed editable plus its dev (tests) and demo (a neural TTS voice) extras. Safe to run again: finished steps are skipped.
 #
 #   bash tools/install.sh            # everything
 #   MTP_ASR_VENV=/path bash tools/install.sh   # another venv location
@@ -38,8 +38,8 @@ pip="$venv/bin/python -m pip --disable-pip-version-check -q"
 log "installing torch and torchaudio (a few minutes the first time)"
 # torch first: with a capped pip this takes the release on the machine's disk instead of a download.
 $pip install 'torch>=2.4' 'torchaudio>=2.4'
-log "installing mtp_asr (editable) with dev extras"
-$pip install -e "$top[dev]"
+log "installing mtp_asr (editable) with the dev and demo extras"
+$pip install -e "$top[dev,demo]"
 echo "$want" > "$stamp"
 "$venv/bin/python" -c "import torch, torchaudio, lhotse, sentencepiece, kaldialign; print('torch', torch.__version__, 'torchaudio', torchaudio.__version__, 'lhotse', lhotse.__version__)"
 log "done: activate with '. $venv/bin/activate'"

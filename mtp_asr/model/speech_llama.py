@@ -65,7 +65,16 @@ class SpeechLlama(nn.Module):
         return emb, audio_lens + 2
 
     def forward(self, feats: Tensor, feat_lens: Tensor, tokens: Sequence[Sequence[int]],
-                head_weights: Optional[Sequence[float]] = None, ctc_weight: float = 0.0) -> LossOutput:
+                head_weights: Optional[Sequence[float]] = None, ctc_weight: float = 0.0,
+                ctc_only: bool = False) -> LossOutput:
+        """Training loss. `ctc_only` trains the encoder alone with CTC (encoder pre-training; decoder untouched)."""
+        if ctc_only:
+            if self.encoder.ctc_head is None:
+                raise ValueError("CTC-only training needs a model with encoder.ctc: true")
+            frames, frame_lens = self.encoder(feats, feat_lens)
+            ctc = self.ctc_loss(frames, frame_lens, tokens)
+            zeros = torch.zeros(self.num_heads, device=feats.device)
+            return LossOutput(ctc / _num_tokens(tokens), zeros, zeros, zeros, len(tokens), ctc.detach())
         enc = self.encode(feats, feat_lens)
         prefix, prefix_lens = self.prompt(enc.audio, enc.audio_lens)
         x, labels = self.lm.append_tokens(prefix, prefix_lens, tokens)
@@ -73,13 +82,18 @@ class SpeechLlama(nn.Module):
         if ctc_weight > 0:
             if self.encoder.ctc_head is None:
                 raise ValueError("a CTC weight > 0 needs a model with encoder.ctc: true")
-            out.ctc_loss_sum = self.ctc_loss(enc, tokens)
-            out.loss = out.loss + ctc_weight * out.ctc_loss_sum / len(tokens)
+            ctc = self.ctc_loss(enc.frames, enc.frame_lens, tokens)
+            out.loss = out.loss + ctc_weight * ctc / _num_tokens(tokens)  # per token, like the CE
+            out.ctc_loss_sum = ctc.detach()
         return out
 
-    def ctc_loss(self, enc: Encoded, tokens: Sequence[Sequence[int]]) -> Tensor:
-        log_probs = self.encoder.ctc_log_probs(enc.frames)
+    def ctc_loss(self, frames: Tensor, frame_lens: Tensor, tokens: Sequence[Sequence[int]]) -> Tensor:
+        log_probs = self.encoder.ctc_log_probs(frames)
         targets = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
         target_lens = torch.tensor([len(seq) for seq in tokens], dtype=torch.long)
-        return F.ctc_loss(log_probs.transpose(0, 1), targets, enc.frame_lens.cpu(), target_lens,
+        return F.ctc_loss(log_probs.transpose(0, 1), targets, frame_lens.cpu(), target_lens,
                           blank=self.encoder.blank_id, reduction="sum", zero_infinity=True)
+
+
+def _num_tokens(tokens: Sequence[Sequence[int]]) -> int:
+    return max(1, sum(len(t) for t in tokens))

@@ -1,0 +1,136 @@
+"""Real English sentences for the synthetic corpus, from Debian text packages, restricted to a small vocabulary.
+
+Sources: the double-quoted usage examples inside WordNet glosses (`/usr/share/wordnet/data.*`, package
+wordnet-base) and the fortune files (`/usr/share/games/fortunes/`, packages fortunes and fortunes-min; the
+offensive ones live in the `off/` subfolder, which is never read, and the ASCII-art files are skipped).
+
+A sentence is kept when it is plain prose that every engine speaks exactly as its transcript says: letters,
+apostrophes and ordinary punctuation only (no digits, symbols or all-capital acronyms, which TTS engines spell
+out or expand), no single-letter words other than A and I (initials like "J. R.") and 3 to 16 words.
+About 56k distinct sentences pass; then only those whose words are all among the most frequent VOCAB_SIZE
+words are kept.
+
+Why VOCAB_SIZE = 800 (measured here: distinct surviving sentences, and their hours at the ~1.9 s that one
+utterance of ~6 words lasts):
+    500 words -> 1.7k sentences (0.9 h)   1000 words -> 3.9k (2.1 h)
+    800 words -> 3.0k sentences (1.6 h)   2000 words -> 8.3k (4.7 h)
+The demo trains for ~15 minutes on a 2-core CPU on 0.5-1 h of speech, i.e. 5-10k spoken words: with 800 types
+about half of them occur ten times or more in the sentence pool, so most test words have been heard in training,
+while 3.0k distinct sentences still give each train utterance of a 0.5-1 h corpus its own sentence and leave
+1.3k-2k sentences unspoken, as extra LM text. Larger corpora reuse train sentences with other voices (test
+sentences never).
+"""
+import collections
+import functools
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, List, Sequence, Tuple
+
+from mtp_asr.text import normalize_text
+
+VOCAB_SIZE = 800
+MIN_WORDS, MAX_WORDS = 3, 16
+WORDNET_DIR = Path("/usr/share/wordnet")
+FORTUNE_DIR = Path("/usr/share/games/fortunes")
+FORTUNE_SKIP = {"art", "ascii-art"}  # pictures, not prose
+
+_PROSE = re.compile(r"^[A-Za-z' ,.;:!?\"()-]+$")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ATTRIBUTION = re.compile(r"(?m)^\s*--")  # fortune attributions: "\t\t-- Mark Twain"
+_QUOTED = re.compile(r'"([^"]+)"')
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
+_WORDLESS = re.compile(r'[()"]|(?<!\w)-|-(?!\w)')  # brackets, quotes and loose dashes
+
+
+@dataclass(frozen=True)
+class Sentence:
+    text: str  # the normalised transcript (mtp_asr.text.normalize_text)
+    spoken: str  # what the engines are given: same words, original case and punctuation for natural prosody
+
+
+@dataclass(frozen=True)
+class SentencePool:
+    sentences: Tuple[Sentence, ...]  # sorted by text, so a sentence's index is stable for a vocabulary size
+    vocabulary: Tuple[str, ...]  # the words the kept sentences use, sorted
+    candidates: int  # sentences that passed the prose filters before the vocabulary restriction
+
+
+def wordnet_examples(wordnet_dir: Path = WORDNET_DIR) -> Iterator[str]:
+    """The quoted examples of every gloss: `... | gloss text; "example one"; "example two"`."""
+    for path in sorted(wordnet_dir.glob("data.*")):
+        with path.open(encoding="latin-1") as f:
+            for line in f:
+                if line.startswith("  "):  # the licence header
+                    continue
+                yield from _QUOTED.findall(line.partition(" | ")[2])
+
+
+def fortune_sentences(fortune_dir: Path = FORTUNE_DIR) -> Iterator[str]:
+    """Sentences of the (non-offensive) fortune cookies, without their attributions."""
+    for path in sorted(fortune_dir.iterdir()):
+        if path.suffix or not path.is_file() or path.name in FORTUNE_SKIP:  # .dat indexes, .u8 links
+            continue
+        for cookie in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            cookie = " ".join(_ATTRIBUTION.split(cookie)[0].split())
+            yield from _SENTENCE_END.split(cookie)
+
+
+def speakable(raw: str) -> str:
+    """The sentence as the engines should read it, or "" when it is not plain prose they would read verbatim."""
+    text = raw
+    if not text.isascii():  # fold accents (café) and typographic apostrophes
+        text = unicodedata.normalize("NFKD", text)
+        text = "".join(c for c in text if not unicodedata.combining(c)).replace("\u2019", "'")
+    if not _PROSE.match(text):
+        return ""
+    text = _WORDLESS.sub(" ", text.replace("--", ", "))
+    words = text.split()
+    bare = [w.strip("',.;:!?-") for w in words]
+    if any(len(b) > 1 and b.isupper() for b in bare):  # acronyms and shouting are spelled out or odd
+        return ""
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", " ".join(words)).lstrip(",.;:!?' ")
+
+
+def _is_clean(text: str) -> bool:
+    words = text.split()
+    return MIN_WORDS <= len(words) <= MAX_WORDS and all(len(w) > 1 or w in ("A", "I") for w in words)
+
+
+def candidate_sentences(raw_sentences: Iterable[str]) -> List[Sentence]:
+    """Distinct clean sentences, sorted by transcript; the first spoken form (in sorted order) wins."""
+    best = {}
+    for raw in raw_sentences:
+        spoken = speakable(raw)
+        if not spoken:
+            continue
+        text = normalize_text(spoken)
+        if _is_clean(text) and (text not in best or spoken < best[text]):
+            best[text] = spoken
+    return [Sentence(text, best[text]) for text in sorted(best)]
+
+
+def restrict_to_vocabulary(candidates: Sequence[Sentence], vocab_size: int) -> SentencePool:
+    """Keep the sentences whose words are all among the `vocab_size` most frequent (ties broken alphabetically)."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    counts = collections.Counter(w for s in candidates for w in s.text.split())
+    allowed = set(sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size])
+    kept = tuple(s for s in candidates if all(w in allowed for w in s.text.split()))
+    vocabulary = tuple(sorted({w for s in kept for w in s.text.split()}))
+    return SentencePool(kept, vocabulary, len(candidates))
+
+
+@functools.lru_cache(maxsize=1)  # filtering the sources takes seconds; the result is immutable
+def source_candidates() -> Tuple[Sentence, ...]:
+    for source in (WORDNET_DIR, FORTUNE_DIR):
+        if not source.is_dir():
+            raise FileNotFoundError(
+                f"{source} is missing: install the Debian packages wordnet-base, fortunes and fortunes-min"
+            )
+    return tuple(candidate_sentences(list(wordnet_examples()) + list(fortune_sentences())))
+
+
+def load_sentence_pool(vocab_size: int = VOCAB_SIZE) -> SentencePool:
+    return restrict_to_vocabulary(source_candidates(), vocab_size)

@@ -1,0 +1,94 @@
+"""Training commands: `pretrain-lm`, `train`, `average`, `export` (thin wrappers over mtp_asr.train)."""
+import sys
+from pathlib import Path
+
+import click
+
+from mtp_asr.cli import main
+from mtp_asr.cli.common import library_call
+
+CONFIG = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _config(config_path, overrides) -> dict:
+    from mtp_asr.config import apply_overrides, load_yaml
+
+    return apply_overrides(load_yaml(config_path) if config_path else {}, overrides)
+
+
+common_options = [
+    click.option("--config", "-c", "config_path", type=CONFIG, help="YAML config (see egs/*/asr/conf/)."),
+    click.option("--exp-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+                 help="Checkpoints, logs and TensorBoard files go here; an existing run in it is resumed."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                 help="Override a config value, e.g. --set optim.lr=5e-4 --set model.heads.num_heads=4 (repeatable)."),
+    click.option("--no-resume", is_flag=True, help="Start afresh even if EXP_DIR holds checkpoints."),
+]
+
+
+def with_common(fn):
+    for option in reversed(common_options):
+        fn = option(fn)
+    return fn
+
+
+@main.command("pretrain-lm")
+@with_common
+@library_call
+def pretrain_lm_cmd(config_path, exp_dir, overrides, no_resume):
+    """Train the decoder LLM (with its MTP heads) on text alone.
+
+    The config has sections `decoder`, `heads`, `optim`, `data` (train_text, valid_text: files with one sentence per
+    line; tokenizer; max_tokens) and the loop settings (num_epochs, max_steps, save_every_n, ...). Writes
+    EXP_DIR/epoch-N.pt checkpoints that `train` takes as `init_lm`. Runs under torchrun for several processes.
+    """
+    from mtp_asr.train.run import train_lm
+
+    sys.exit(train_lm(_config(config_path, overrides), exp_dir, resume=not no_resume))
+
+
+@main.command("train")
+@with_common
+@click.option("--ctc-only", is_flag=True, help="Train only the encoder, with the CTC loss (encoder pre-training).")
+@library_call
+def train_cmd(config_path, exp_dir, overrides, no_resume, ctc_only):
+    """Train Speech-LLaMA with K multi-token-prediction heads on Lhotse cuts with features.
+
+    The config has sections `model` (encoder, adapter, decoder, heads), `data` (train_cuts, valid_cuts, tokenizer,
+    max_duration), `optim`, `spec_augment` and the loop settings (num_epochs, ctc_weight, freeze, init_lm,
+    init_encoder, ...). Progress lines and TensorBoard scalars (EXP_DIR/tensorboard) on rank 0; checkpoints
+    EXP_DIR/epoch-N.pt and checkpoint-STEP.pt, written atomically; a rerun resumes exactly. For several processes:
+    torchrun --nproc_per_node N $(which mtp-asr) train ...
+    """
+    from mtp_asr.train.run import train_speech
+
+    sys.exit(train_speech(_config(config_path, overrides), exp_dir, resume=not no_resume, ctc_only=ctc_only))
+
+
+@main.command("average")
+@click.option("--exp-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--epoch", type=click.IntRange(min=1), required=True, help="Last epoch to average.")
+@click.option("--avg", type=click.IntRange(min=1), default=1, show_default=True, help="Number of epochs to average.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (default EXP_DIR/avg-epoch-E-avg-A.pt).")
+@library_call
+def average_cmd(exp_dir, epoch, avg, out):
+    """Average the models of epochs EPOCH-AVG+1 .. EPOCH into one checkpoint (model only, decodable on its own)."""
+    from mtp_asr.train.average import average_epochs
+
+    average_epochs(exp_dir, epoch, avg, out)
+
+
+@main.command("export")
+@click.argument("checkpoint", type=CONFIG)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf-decoder"]), default="safetensors",
+              show_default=True,
+              help="safetensors: the whole model as model.safetensors + config.json + tokenizer.model; "
+                   "hf-decoder: the decoder as a Hugging Face LLaMA directory.")
+@library_call
+def export_cmd(checkpoint, out_dir, fmt):
+    """Export a checkpoint's model without pickles: safetensors, or the decoder in Hugging Face LLaMA format."""
+    from mtp_asr.train.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out_dir, fmt)

@@ -1,0 +1,142 @@
+"""Batches for training and decoding: Lhotse cut batches with features and tokens, and token batches of text.
+
+Bad cuts cost one utterance, not a run: a cut whose features cannot be loaded or whose transcript is empty is
+dropped from its batch with a warning naming it, and counted in the batch (`num_skipped`).
+"""
+import logging
+import random
+from typing import Iterator, Optional, Sequence
+
+import torch
+from lhotse import CutSet
+from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
+
+from mtp_asr.data.tokenizer import Tokenizer
+
+logger = logging.getLogger("mtp_asr")
+
+
+def pad_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (T_i, F) feature matrices to (B, T_max, F) with zeros; also return the lengths."""
+    lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
+    out = torch.zeros(len(feats), int(lens.max()), feats[0].shape[1])
+    for i, f in enumerate(feats):
+        out[i, : f.shape[0]] = f
+    return out, lens
+
+
+class AsrDataset(torch.utils.data.Dataset):
+    """Maps a CutSet (one batch from a sampler) to features, lengths, token ids and texts."""
+
+    def __init__(self, tokenizer: Optional[Tokenizer] = None):
+        self.tokenizer = tokenizer
+
+    def __getitem__(self, cuts: CutSet) -> dict:
+        feats, kept, skipped = [], [], 0
+        for cut in cuts:
+            text = " ".join(s.text or "" for s in cut.supervisions).strip()
+            if self.tokenizer is not None and not text:
+                logger.warning("skipping cut %s: empty transcript", cut.id)
+                skipped += 1
+                continue
+            try:
+                f = torch.from_numpy(cut.load_features()).float()
+            except Exception as e:  # a corrupt or missing feature file must not stop a run
+                logger.warning("skipping cut %s: cannot load its features (%s: %s)", cut.id, type(e).__name__, e)
+                skipped += 1
+                continue
+            if f.shape[0] < 7 or not torch.isfinite(f).all():
+                logger.warning("skipping cut %s: %d frames (needs >= 7) or non-finite features", cut.id, f.shape[0])
+                skipped += 1
+                continue
+            feats.append(f)
+            kept.append((cut, text))
+        if not kept:
+            return {"num_skipped": skipped, "cut_ids": []}
+        x, lens = pad_features(feats)
+        batch = {
+            "feats": x,
+            "feat_lens": lens,
+            "cut_ids": [c.id for c, _ in kept],
+            "texts": [t for _, t in kept],
+            "durations": [c.duration for c, _ in kept],
+            "num_skipped": skipped,
+        }
+        if self.tokenizer is not None:
+            batch["tokens"] = [self.tokenizer.encode(t) for _, t in kept]
+        return batch
+
+
+class SkipFirst(torch.utils.data.Sampler):
+    """Yields a sampler's batches after skipping the first `skip` (exact mid-epoch resume)."""
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            if next(it, None) is None:
+                return
+        # Not `yield from it`: that calls iter() again, and a Lhotse sampler's __iter__ restarts the epoch.
+        while (batch := next(it, None)) is not None:
+            yield batch
+
+
+def cut_sampler(cuts: CutSet, max_duration: float, shuffle: bool, seed: int = 0, rank: int = 0,
+                world_size: int = 1, num_buckets: int = 10):
+    """Batches of at most `max_duration` seconds of audio: duration-bucketed (Lhotse DynamicBucketingSampler) when
+    there are buckets to fill, else in manifest order (SimpleCutSampler)."""
+    if num_buckets > 1:
+        return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=shuffle, num_buckets=num_buckets,
+                                       seed=seed, rank=rank, world_size=world_size, drop_last=world_size > 1)
+    return SimpleCutSampler(cuts, max_duration=max_duration, shuffle=shuffle, seed=seed, rank=rank,
+                            world_size=world_size, drop_last=world_size > 1)
+
+
+def cut_loader(cuts: CutSet, dataset: AsrDataset, max_duration: float, shuffle: bool, seed: int = 0,
+               epoch: int = 0, skip: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+               num_buckets: int = 10) -> torch.utils.data.DataLoader:
+    sampler = cut_sampler(cuts, max_duration, shuffle, seed, rank, world_size, num_buckets)
+    sampler.set_epoch(epoch)
+    # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and a resumed run, which
+    # restores that RNG and then starts its iterator mid-epoch, would draw at a different point than the original.
+    return torch.utils.data.DataLoader(dataset, sampler=SkipFirst(sampler, skip), batch_size=None,
+                                       num_workers=num_workers, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(seed + epoch))
+
+
+class TextBatches:
+    """Token batches for text-only training: at most `max_tokens` tokens per batch (padding included), sentences of
+    similar length together, order reshuffled each epoch from the seed; rank r takes every world_size-th batch."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]], max_tokens: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not sequences:
+            raise ValueError("no text to train on")
+        self.sequences, self.max_tokens, self.seed = sequences, max_tokens, seed
+        self.rank, self.world_size = rank, world_size
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[list]:
+        rng = random.Random(self.seed * 100003 + epoch)
+        order = list(range(len(self.sequences)))
+        rng.shuffle(order)
+        batches = []
+        pool = 64 * max(1, self.max_tokens // 32)  # sort within pools: similar lengths, still random order
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start: start + pool], key=lambda i: len(self.sequences[i]))
+            batch, longest = [], 0
+            for i in chunk:
+                n = len(self.sequences[i]) + 2  # BOS and EOS
+                if batch and max(longest, n) * (len(batch) + 1) > self.max_tokens:
+                    batches.append(batch)
+                    batch, longest = [], 0
+                batch.append(i)
+                longest = max(longest, n)
+            if batch:
+                batches.append(batch)
+        rng.shuffle(batches)
+        per_rank = len(batches) // self.world_size
+        mine = batches[self.rank::self.world_size][:per_rank]
+        for batch in mine[skip:]:
+            yield [self.sequences[i] for i in batch]

@@ -1,0 +1,153 @@
+"""What `mtp-asr decode`, `benchmark` and `transcribe` do, as library functions."""
+import json
+import logging
+import platform
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from lhotse import load_manifest
+
+from mtp_asr.decode.report import write_results, write_sweep_plot
+from mtp_asr.decode.runner import DecodeSettings, decode_batch, decode_cuts
+from mtp_asr.model.build import load_speech_model
+from mtp_asr.score import compute_error_stats
+from mtp_asr.utils import atomic_write_text
+
+logger = logging.getLogger("mtp_asr")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def set_name(manifest) -> str:
+    """`cuts_test-clean.jsonl.gz` -> `test-clean`."""
+    name = Path(manifest).name
+    m = re.fullmatch(r"(?:.*_)?cuts_(.+?)\.jsonl(?:\.gz)?", name) or re.fullmatch(r"(.+?)\.jsonl(?:\.gz)?", name)
+    return m.group(1) if m else Path(manifest).stem
+
+
+def resolve_checkpoint(checkpoint: Optional[Path], exp_dir: Optional[Path], epoch: Optional[int], avg: int
+                       ) -> tuple[Path, int, str]:
+    """(checkpoint file, epochs to average, name for result suffixes) from --checkpoint or --exp-dir/--epoch/--avg."""
+    if checkpoint is not None:
+        return Path(checkpoint), 1, Path(checkpoint).stem
+    if exp_dir is None or epoch is None:
+        raise ValueError("give --checkpoint, or --exp-dir with --epoch (and optionally --avg)")
+    return Path(exp_dir) / f"epoch-{epoch}.pt", avg, f"epoch-{epoch}-avg-{avg}"
+
+
+def settings_list(method: str, thresholds: Sequence[float], num_heads: Optional[int]) -> list:
+    if method == "mtp-threshold":
+        return [DecodeSettings(method, t, num_heads) for t in (thresholds or [0.8])]
+    return [DecodeSettings(method, 1.0, num_heads)]
+
+
+def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[Path], method: str,
+               thresholds: Sequence[float], num_heads: Optional[int], batch_size: int, out_dir: Path,
+               device: str = "auto") -> list:
+    dev = pick_device(device)
+    model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
+    out_dir = Path(out_dir)
+    summaries = []
+    for manifest in manifests:
+        cuts = load_manifest(manifest)
+        test_set = set_name(manifest)
+        sweep = []
+        for settings in settings_list(method, thresholds, num_heads):
+            result = decode_cuts(model, tokenizer, cuts, settings, batch_size, desc=test_set)
+            suffix = f"{ckpt_name}-{settings.label()}-bs{batch_size}"
+            summary = write_results(out_dir, test_set, suffix, result, {"batch_size": batch_size,
+                                                                        "device": device_name(dev)})
+            logger.info("%s %s: WER %.2f%%, %d decoder calls, %.2f tokens/call, RTF %.4f", test_set, suffix,
+                        summary["wer"], summary["num_decoder_calls"], summary["tokens_per_call"], summary["rtf"])
+            sweep.append(summary)
+        if len(sweep) > 1:
+            greedy = decode_cuts(model, tokenizer, cuts, DecodeSettings("greedy"), batch_size, desc=test_set)
+            ref = {"method": "greedy", "threshold": None, "num_decoder_calls": greedy.num_decoder_calls,
+                   "wer": round(compute_error_stats(greedy.results).wer, 4)}
+            write_sweep_plot(out_dir / f"tradeoff-{test_set}-{ckpt_name}-{method}-bs{batch_size}.png", sweep + [ref],
+                             f"{test_set}: WER vs decoder calls ({ckpt_name})")
+        summaries += sweep
+    return summaries
+
+
+def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Sequence[int], thresholds: Sequence[float],
+                  out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0) -> list:
+    """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
+    greedy run. Writes benchmark.json and benchmark.md; returns the rows."""
+    dev = pick_device(device)
+    model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
+    cuts = load_manifest(manifest)
+    if max_utts:
+        cuts = cuts.subset(first=max_utts)
+    warm = cuts.subset(first=min(warmup_utts, len(cuts)))
+    for method in ("greedy", "mtp-verify"):  # warm-up: allocator, kernels, caches
+        decode_cuts(model, tokenizer, warm, DecodeSettings(method), max(batch_sizes), desc="warm-up")
+    rows = []
+    for bs in batch_sizes:
+        base = None
+        for settings in [DecodeSettings("greedy")] + [DecodeSettings("mtp-threshold", t) for t in thresholds] + [
+                DecodeSettings("mtp-verify")]:
+            res = decode_cuts(model, tokenizer, cuts, settings, bs, desc=f"benchmark bs={bs}")
+            s = res.summary()
+            row = {"batch_size": bs, "method": settings.label(), "wer": round(compute_error_stats(res.results).wer, 3),
+                   **{k: s[k] for k in ("num_utts", "num_tokens", "num_decoder_calls", "num_batch_calls",
+                                        "tokens_per_call", "encoder_seconds", "decoder_seconds", "rtf")}}
+            if base is None:
+                base = row
+                base_tokens = res.tokens
+            row["speedup_calls"] = round(base["num_decoder_calls"] / max(row["num_decoder_calls"], 1), 3)
+            row["speedup_seconds"] = round(base["decoder_seconds"] / max(row["decoder_seconds"], 1e-9), 3)
+            row["same_as_greedy"] = round(sum(res.tokens[c] == base_tokens[c] for c in base_tokens)
+                                          / max(len(base_tokens), 1), 4)
+            rows.append(row)
+    info = {"checkpoint": str(checkpoint), "avg": avg, "cuts": str(manifest), "device": device_name(dev),
+            "torch": torch.__version__, "num_threads": torch.get_num_threads(), "rows": rows}
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "benchmark.json", json.dumps(info, indent=2) + "\n")
+    table = benchmark_table(rows)
+    atomic_write_text(out_dir / "benchmark.md", f"Device: {info['device']}, torch {torch.__version__}\n\n{table}\n")
+    print(f"Device: {info['device']}\n{table}")
+    return rows
+
+
+def benchmark_table(rows: Sequence[dict]) -> str:
+    head = ("| batch | method | WER % | decoder calls | tokens/call | decoder s | speed-up (calls) | "
+            "speed-up (s) | RTF | same as greedy |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['batch_size']} | {r['method']} | {r['wer']:.2f} | {r['num_decoder_calls']} | "
+                     f"{r['tokens_per_call']:.2f} | {r['decoder_seconds']:.2f} | {r['speedup_calls']:.2f}x | "
+                     f"{r['speedup_seconds']:.2f}x | {r['rtf']:.4f} | {100 * r['same_as_greedy']:.1f}% |")
+    return "\n".join(lines)
+
+
+def transcribe_files(checkpoint: Path, avg: int, files: Sequence[Path], settings: DecodeSettings,
+                     device: str = "auto") -> list:
+    """One transcript per audio file (any format soundfile or ffmpeg reads, any rate, mono or stereo)."""
+    from mtp_asr.data.audio import load_audio
+    from mtp_asr.data.fbank import fbank_extractor
+    from mtp_asr.data.dataset import pad_features
+
+    dev = pick_device(device)
+    model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
+    extractor = fbank_extractor()
+    out = []
+    for f in files:
+        samples = load_audio(f)
+        feats = torch.from_numpy(extractor.extract(samples, 16000)).float()
+        x, lens = pad_features([feats])
+        gen, _, _ = decode_batch(model, x, lens, [len(samples) / 16000], settings)
+        out.append((str(f), tokenizer.decode(gen.hyps[0].tokens)))
+    return out

@@ -1,0 +1,139 @@
+"""Decoding cut sets with a Speech-LLaMA model: batching, timing, statistics. Shared by `decode`, `benchmark`,
+`transcribe` and MWER training.
+
+Timing: the encoder (with the adapter and prompt) and the decoder loop are timed separately, synchronising the GPU
+around each; RTF = (encoder + decoder seconds) / audio seconds.
+"""
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from mtp_asr.data.dataset import AsrDataset
+from mtp_asr.decode.generate import METHODS, generate
+from mtp_asr.model.speech_llama import SpeechLlama
+from mtp_asr.utils import Progress
+
+logger = logging.getLogger("mtp_asr")
+
+
+@dataclass
+class DecodeSettings:
+    method: str = "greedy"
+    threshold: float = 1.0  # mtp-threshold's tau
+    num_heads: Optional[int] = None  # heads used by MTP methods; None: all of the model's
+    max_tokens_per_second: float = 15.0  # length limit: 10 + this x audio seconds (EOS excluded)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.threshold < 0:
+            raise ValueError(f"--threshold must be >= 0 (got {self.threshold})")
+        if self.num_heads is not None and self.num_heads < 1:
+            raise ValueError(f"--num-heads must be >= 1 (got {self.num_heads})")
+
+    def label(self) -> str:
+        text = self.method
+        if self.method != "greedy" and self.num_heads:
+            text += f"-K{self.num_heads}"
+        if self.method == "mtp-threshold":
+            text += f"-tau{self.threshold:g}"
+        return text
+
+
+@dataclass
+class DecodeResult:
+    settings: DecodeSettings
+    results: list = field(default_factory=list)  # (cut_id, reference, hypothesis)
+    tokens: dict = field(default_factory=dict)  # cut_id -> token ids
+    calls: dict = field(default_factory=dict)  # cut_id -> decoder calls
+    num_tokens: int = 0
+    num_decoder_calls: int = 0  # summed over utterances (batch-independent)
+    num_batch_calls: int = 0  # forward passes actually run
+    audio_seconds: float = 0.0
+    encoder_seconds: float = 0.0
+    decoder_seconds: float = 0.0
+    num_skipped: int = 0
+    accepted_per_head: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        secs = self.encoder_seconds + self.decoder_seconds
+        return {
+            "method": self.settings.method,
+            "threshold": self.settings.threshold if self.settings.method == "mtp-threshold" else None,
+            "num_heads": self.settings.num_heads,
+            "num_utts": len(self.results),
+            "num_skipped": self.num_skipped,
+            "audio_seconds": round(self.audio_seconds, 3),
+            "num_tokens": self.num_tokens,
+            "num_decoder_calls": self.num_decoder_calls,
+            "num_batch_calls": self.num_batch_calls,
+            "tokens_per_call": round(self.num_tokens / max(self.num_decoder_calls, 1), 4),
+            "accepted_per_head": self.accepted_per_head,
+            "encoder_seconds": round(self.encoder_seconds, 4),
+            "decoder_seconds": round(self.decoder_seconds, 4),
+            "rtf": round(secs / max(self.audio_seconds, 1e-9), 5),
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batches_by_size(cuts, batch_size: int) -> list:
+    """Cuts sorted by duration (longest first, so memory peaks early) in groups of `batch_size`."""
+    ordered = sorted(cuts, key=lambda c: (-c.duration, c.id))
+    return [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+@torch.inference_mode()
+def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tensor, durations: Sequence[float],
+                 settings: DecodeSettings):
+    """(GenerateOutput, encoder seconds, decoder seconds) for one padded batch of features."""
+    device = next(model.parameters()).device
+    feats, feat_lens = feats.to(device), feat_lens.to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    enc = model.encode(feats, feat_lens)
+    prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
+    _sync(device)
+    t1 = time.perf_counter()
+    limits = torch.tensor([int(10 + settings.max_tokens_per_second * d) for d in durations], device=device)
+    limits = limits.clamp(max=model.cfg.decoder.max_seq_len - int(prefix_lens.max()) - 2 * model.num_heads - 2)
+    out = generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold, limits)
+    _sync(device)
+    return out, t1 - t0, time.perf_counter() - t1
+
+
+def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, batch_size: int = 16,
+                desc: str = "decode") -> DecodeResult:
+    dataset = AsrDataset(None)
+    res = DecodeResult(settings)
+    batches = batches_by_size(cuts, batch_size)
+    bar = Progress(f"{desc} ({settings.label()})", total=sum(len(b) for b in batches), unit="utts")
+    head_counts = None
+    for group in batches:
+        batch = dataset[group]
+        res.num_skipped += batch["num_skipped"]
+        if not batch["cut_ids"]:
+            continue
+        out, enc_s, dec_s = decode_batch(model, batch["feats"], batch["feat_lens"], batch["durations"], settings)
+        res.encoder_seconds += enc_s
+        res.decoder_seconds += dec_s
+        res.num_batch_calls += out.batch_calls
+        res.audio_seconds += sum(batch["durations"])
+        head_counts = out.accepted_per_head if head_counts is None else [
+            a + b for a, b in zip(head_counts, out.accepted_per_head)]
+        for cut_id, ref, hyp in zip(batch["cut_ids"], batch["texts"], out.hyps):
+            res.results.append((cut_id, ref, tokenizer.decode(hyp.tokens)))
+            res.tokens[cut_id] = hyp.tokens
+            res.calls[cut_id] = hyp.decoder_calls
+            res.num_tokens += len(hyp.tokens)
+            res.num_decoder_calls += hyp.decoder_calls
+        bar.update(len(group))
+    bar.close(f"{res.num_tokens / max(res.num_decoder_calls, 1):.2f} tokens/call")
+    res.accepted_per_head = head_counts or []
+    return res

@@ -1,0 +1,1 @@
+"""Training: the training loop, tasks (speech, text), checkpoints, MWER fine-tuning."""

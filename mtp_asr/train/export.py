@@ -1,0 +1,42 @@
+"""`mtp-asr export`: a checkpoint's model without pickles — safetensors, or the decoder as a Hugging Face LLaMA."""
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from mtp_asr.model.build import load_speech_model
+from mtp_asr.model.hf import save_hf_decoder
+from mtp_asr.utils import atomic_path, atomic_write_text
+
+logger = logging.getLogger("mtp_asr")
+
+SAFETENSORS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+
+
+def export_checkpoint(checkpoint, out_dir, fmt: str = "safetensors") -> Path:
+    model, tokenizer, ckpt = load_speech_model(checkpoint)
+    out_dir = Path(out_dir)
+    if fmt == "hf-decoder":
+        with tempfile.TemporaryDirectory() as tmp:
+            spm = Path(tmp) / TOKENIZER
+            spm.write_bytes(tokenizer.to_bytes())
+            save_hf_decoder(model.lm.decoder, out_dir, tokenizer_model=spm, bos_id=tokenizer.bos_id,
+                            eos_id=tokenizer.eos_id)
+    elif fmt == "safetensors":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Tied weights share storage, which safetensors refuses: store each tensor as its own copy.
+        tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(out_dir / SAFETENSORS) as tmp:
+            save_file(tensors, str(tmp))
+        with atomic_path(out_dir / TOKENIZER) as tmp:
+            tmp.write_bytes(tokenizer.to_bytes())
+        atomic_write_text(out_dir / CONFIG, json.dumps({"kind": "speech_llama", "model_config": ckpt["model_config"]},
+                                                      indent=2))
+    else:
+        raise ValueError(f"unknown export format {fmt!r}")
+    logger.info("exported %s as %s to %s", checkpoint, fmt, out_dir)
+    return out_dir
