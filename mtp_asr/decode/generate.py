@@ -61,6 +61,8 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         raise ValueError(f"threshold must be >= 0 (got {threshold})")
     B, device = prefix.shape[0], prefix.device
     limits = torch.as_tensor(max_new_tokens, device=device).expand(B).clone()
+    if int(limits.min()) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 for every row (got {limits.tolist()})")
     verify = method == "mtp-verify"
 
     cache = lm.decoder.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * K + 1,

@@ -101,8 +101,9 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
     _sync(device)
     t1 = time.perf_counter()
-    limits = torch.tensor([int(10 + settings.max_tokens_per_second * d) for d in durations], device=device)
-    limits = limits.clamp(max=model.cfg.decoder.max_seq_len - int(prefix_lens.max()) - 2 * model.num_heads - 2)
+    room = [model.max_new_tokens(int(n)) for n in feat_lens.tolist()]
+    limits = torch.tensor([min(int(10 + settings.max_tokens_per_second * d), r) for d, r in zip(durations, room)],
+                          device=device)
     out = generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold, limits)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
@@ -116,7 +117,17 @@ def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, b
     bar = Progress(f"{desc} ({settings.label()})", total=sum(len(b) for b in batches), unit="utts")
     head_counts = None
     for group in batches:
-        batch = dataset[group]
+        fits = []
+        for cut in group:
+            if model.max_new_tokens(cut.num_frames or round(cut.duration * 100)) >= 1:
+                fits.append(cut)
+            else:
+                logger.warning("skipping cut %s: %.1f s of audio is too long for the decoder (max_seq_len %d)",
+                               cut.id, cut.duration, model.cfg.decoder.max_seq_len)
+        res.num_skipped += len(group) - len(fits)
+        if not fits:
+            continue
+        batch = dataset[fits]
         res.num_skipped += batch["num_skipped"]
         if not batch["cut_ids"]:
             continue

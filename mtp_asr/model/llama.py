@@ -54,8 +54,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32, as LLaMA does, so bf16 activations do not lose the mean square.
-        y = x.float()
+        # Normalise in at least float32, as LLaMA does, so bf16 activations do not lose the mean square.
+        y = x.to(torch.promote_types(x.dtype, torch.float32))
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
 

@@ -48,6 +48,15 @@ class SpeechLlama(nn.Module):
     def num_heads(self) -> int:
         return self.lm.num_heads
 
+    def prompt_length(self, num_frames: int) -> int:
+        """Decoder positions taken by the prompt of an utterance with `num_frames` feature frames."""
+        frames = max(1, ((num_frames - 1) // 2 - 1) // 2)
+        return -(-frames // self.cfg.adapter.stack) + 2
+
+    def max_new_tokens(self, num_frames: int) -> int:
+        """Transcript tokens that still fit in the decoder's positions after the prompt (and K drafts)."""
+        return self.cfg.decoder.max_seq_len - self.prompt_length(num_frames) - 2 * self.num_heads - 2
+
     def encode(self, feats: Tensor, feat_lens: Tensor) -> Encoded:
         frames, frame_lens = self.encoder(feats, feat_lens)
         # Zero the padding so the adapter's last stack of a short utterance sees zeros, whatever its batch.

@@ -1,0 +1,126 @@
+"""Tiny models and a cache-free reference decoder shared by tests/test_model.py and tests/test_generate.py."""
+import math
+from typing import Optional
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mtp_asr.model.adapter import AdapterConfig
+from mtp_asr.model.encoder import EncoderConfig
+from mtp_asr.model.heads import HeadsConfig
+from mtp_asr.model.llama import LlamaConfig
+from mtp_asr.model.lm import MTPLanguageModel
+from mtp_asr.model.speech_llama import ModelConfig, SpeechLlama
+
+BOS, EOS = 1, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models on one thread: a second thread only adds synchronisation, and on a busy 2-core machine an
+    oversubscribed thread pool makes each small op tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_lm(kind: str = "latent", num_heads: int = 3, vocab: int = 16, dim: int = 16, n_layers: int = 2,
+            n_heads: int = 2, n_kv_heads: Optional[int] = 1, seed: int = 0, dtype=torch.float64,
+            randomize: bool = True) -> MTPLanguageModel:
+    """A decoder LM small enough for hundreds of decodes per second. Grouped-query attention by default, so the
+    cache code runs with fewer key/value heads than query heads. randomize: see `randomize_`."""
+    torch.manual_seed(seed)
+    lm = MTPLanguageModel(
+        LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                    ffn_dim=2 * dim, max_seq_len=256),
+        HeadsConfig(num_heads=num_heads, kind=kind), BOS, EOS,
+    ).to(dtype).eval()
+    if randomize:
+        randomize_(lm, seed)
+    return lm
+
+
+@torch.no_grad()
+def randomize_(lm: MTPLanguageModel, seed: int) -> None:
+    """Re-draw every weight at unit-variance scale: the default init (std 0.02) gives almost flat distributions and
+    heads 2..K that start equal to head 1, so drafts, EOS and confident tokens would all be rare or trivial."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    for name, p in lm.named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        if name.endswith("norm.weight") or ".norms." in name:
+            p.copy_(1 + 0.1 * noise)
+        elif p.dim() == 1:  # medusa biases
+            p.copy_(0.1 * noise)
+        elif "embed_tokens" in name:
+            p.copy_(noise)
+        else:
+            fan_in = p.shape[-1]
+            scale = 2.0 if name.endswith("lm_head.weight") or ".proj." in name else 1.0
+            p.copy_(scale * noise / math.sqrt(fan_in))
+
+
+def tiny_speech_llama(kind: str = "latent", num_heads: int = 3, vocab: int = 24, feat_dim: int = 20,
+                      ctc: bool = True, seed: int = 0) -> SpeechLlama:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        encoder=EncoderConfig(feat_dim=feat_dim, dim=16, num_layers=2, num_heads=2, ffn_dim=32, conv_kernel=5,
+                              subsampling_channels=4, dropout=0.0, ctc=ctc),
+        adapter=AdapterConfig(stack=2),
+        decoder=LlamaConfig(vocab_size=vocab, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                            max_seq_len=256),
+        heads=HeadsConfig(num_heads=num_heads, kind=kind),
+        bos_id=BOS, eos_id=EOS,
+    )
+    return SpeechLlama(cfg)
+
+
+def random_prompts(lm: MTPLanguageModel, batch: int, max_len: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Right-padded random prompt embeddings (B, P, dim) of random lengths 1..max_len; the padding is random too,
+    so any use of it shows up as a difference."""
+    lens = torch.randint(1, max_len + 1, (batch,), generator=gen)
+    p = lm.decoder.embed_tokens.weight
+    prefix = torch.randn(batch, int(lens.max()), p.shape[1], generator=gen, dtype=torch.float64).to(p.dtype)
+    return prefix, lens
+
+
+@torch.no_grad()
+def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_heads: int, threshold: float,
+                     limit: int) -> tuple[list, int, bool]:
+    """One utterance, decoded by the definitions in DESIGN.md with a full causal forward (no KV cache) per decoder
+    call: tokens (without EOS), decoder calls, and whether EOS ended it."""
+    K = 1 if method == "greedy" else num_heads
+    out, drafts, calls = [], [], 0
+    while True:
+        calls += 1
+        seq = torch.cat([prompt, lm.embed(torch.tensor(out + drafts, dtype=torch.long)).to(prompt.dtype)])
+        hidden = lm.decoder(seq[None])
+        states = lm.heads.states(lm.decoder, hidden)
+        first = prompt.shape[0] + len(out) - 1  # the last position that is not a draft
+        head1 = lm.heads.logits(lm.decoder, 0, states[0][0, first:]).argmax(-1).tolist()
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == head1[accepted]:
+            accepted += 1
+        new = drafts[:accepted] + [head1[accepted]]
+        last = first + accepted
+        extra = [lm.heads.logits(lm.decoder, k, states[k][0, last]) for k in range(1, K)]
+        drafts = []
+        if method == "mtp-verify":
+            drafts = [int(e.argmax()) for e in extra]
+        elif method == "mtp-threshold":
+            for e in extra:
+                tok = int(e.argmax())
+                if torch.softmax(e.float(), -1)[tok] < threshold:
+                    break
+                new.append(tok)
+        for tok in new:
+            if tok == lm.eos_id:
+                return out, calls, True
+            out.append(tok)
+            if len(out) >= limit:
+                return out, calls, False
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
