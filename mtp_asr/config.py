@@ -42,7 +42,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.safe_load(raw) if raw.strip() else ""  # key= sets an empty string (e.g. no init path)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
         node = data

@@ -5,7 +5,7 @@
 #   bash tools/install.sh            # everything
 #   MTP_ASR_VENV=/path bash tools/install.sh   # another venv location
 set -euo pipefail
-tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 top=$(dirname "$tools_dir")
 venv=${MTP_ASR_VENV:-$tools_dir/venv}
 python=${PYTHON:-python3}

@@ -8,3 +8,4 @@ def main():
 from mtp_asr.cli import data  # noqa: E402,F401  (registers the data commands)
 from mtp_asr.cli import train  # noqa: E402,F401  (registers the training commands)
 from mtp_asr.cli import decode  # noqa: E402,F401  (registers the decoding commands)
+from mtp_asr.cli import results  # noqa: E402,F401  (registers summarize)

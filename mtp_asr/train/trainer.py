@@ -114,17 +114,20 @@ def lr_lambda(cfg, total_steps: int):
     return factor
 
 
-def freeze_parts(model: nn.Module, parts) -> None:
-    """Freeze named parts. `decoder` is the trunk with the LM head (head 1), `heads` are heads 2..K; freezing
-    encoder, adapter and decoder trains the MTP heads alone on a frozen model, which keeps its greedy output."""
-    groups = {
-        "encoder": ["encoder."], "adapter": ["adapter.", "sep"], "heads": ["heads.", "lm.heads."],
-        "decoder": ["decoder.", "lm.decoder."],
-    }
-    prefixes = tuple(p for part in parts for p in groups[part])
-    for name, p in model.named_parameters():
-        if name.startswith(prefixes) or name in prefixes:
-            p.requires_grad_(False)
+def freeze_parts(model: nn.Module, parts) -> list:
+    """Freeze named parts and return their modules, which the loop keeps in eval mode (no dropout, no BatchNorm
+    statistics updates), so a frozen part really stays as it was. `decoder` is the trunk with the LM head (head 1),
+    `heads` are heads 2..K; freezing encoder, adapter and decoder trains the MTP heads alone on a frozen model,
+    which keeps that model's greedy output."""
+    lm = getattr(model, "lm", model)
+    modules = {"encoder": [getattr(model, "encoder", None)], "adapter": [getattr(model, "adapter", None)],
+               "decoder": [lm.decoder], "heads": [lm.heads]}
+    frozen = [m for part in parts for m in modules[part] if m is not None]
+    for m in frozen:
+        m.requires_grad_(False)
+    if "adapter" in parts and hasattr(model, "sep"):
+        model.sep.requires_grad_(False)
+    return frozen
 
 
 class Trainer:
@@ -142,7 +145,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         model = self.task.model.to(self.device)
-        freeze_parts(model, cfg.freeze)
+        self.frozen = freeze_parts(model, cfg.freeze)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise TrainingError(f"freeze={cfg.freeze} leaves no parameter to train")
@@ -228,6 +231,11 @@ class Trainer:
             if self.dist.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
 
+    def _train_mode(self) -> None:
+        self.model.train()
+        for m in self.frozen:
+            m.eval()
+
     def _finished(self) -> bool:
         return self.epoch >= self.cfg.num_epochs or (self.cfg.max_steps and self.step >= self.cfg.max_steps)
 
@@ -236,7 +244,7 @@ class Trainer:
         start_time = time.monotonic()
         start_step = self.step
         while not self._finished():
-            self.model.train()
+            self._train_mode()
             stats = _Stats(self.task.unit)
             bad_in_row = 0
             batches = iter(self.task.train_batches(self.epoch, self.batch_in_epoch, self.dist.rank,
@@ -334,7 +342,7 @@ class Trainer:
             return None
 
     def _save_bad_batch(self, batch, out) -> None:
-        path = self.exp_dir / f"bad-batch-step{self.step}-rank{self.dist.rank}.pt"
+        path = self.exp_dir / f"bad-batch-epoch{self.epoch + 1}-batch{self.batch_in_epoch}-rank{self.dist.rank}.pt"
         keep = {k: v for k, v in batch.items() if isinstance(v, (torch.Tensor, list, int, float, str))} \
             if isinstance(batch, dict) else {"batch": batch}
         save_checkpoint(path, keep)
@@ -374,7 +382,7 @@ class Trainer:
                 continue
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 stats.add(self.task.loss(self.model, batch), self.task.batch_weight(batch))
-        self.model.train()
+        self._train_mode()
         if self.dist.is_main and stats.utts:
             logger.info("validation after epoch %d (step %d): %s", self.epoch, self.step, stats.summary())
             stats.write(self.tb, "valid", self.step)

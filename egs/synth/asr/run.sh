@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The demo: a synthetic English corpus (offline TTS voices), Speech-LLaMA with K=4 multi-token-prediction heads, and
+# greedy vs MTP decoding, end to end on a CPU. Everything it makes goes under data/ and exp/ (safe to delete).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+stage=0
+stop_stage=100
+quick=false        # true: a tiny corpus and tiny models, every stage in a few minutes (CI runs this)
+hours=0.8          # audio to synthesise (all splits)
+seed=0
+nj=2               # parallel jobs for corpus generation and features
+engines=espeak,flite,festival,hibari
+vocab_size=256
+lm_epochs=8
+ctc_epochs=4       # encoder CTC pre-training; 0 skips it
+asr_epochs=12
+avg=3
+thresholds="0.5 0.7 0.8 0.9 0.95"
+decode_batch_size=16
+device=auto
+test_sets="test test_unseen_voice"
+
+help_message="Usage: $0 [options]
+
+Stages (--stage N --stop-stage M run a range; finished stages are skipped through .done markers):
+  0  install the environment (tools/install.sh)
+  1  synthesise the corpus and prepare Lhotse manifests (data/manifests)
+  2  80-dim fbank features (data/fbank)
+  3  LM text (data/lm) and sentencepiece tokenizer (data/lang_bpe_<vocab_size>)
+  4  pre-train the decoder LM with its MTP heads on text (exp/lm)
+  5  pre-train the encoder with CTC (exp/ctc; skipped when --ctc-epochs 0)
+  6  train Speech-LLaMA with K=4 MTP heads (exp/asr)
+  7  average the last --avg epochs
+  8  decode every test set: greedy, mtp-threshold (a sweep), mtp-verify
+  9  results table: exp/summary.json and exp/summary.md
+
+Options (default):
+  --quick ($quick)            tiny corpus and models (CI)
+  --hours ($hours)            hours of synthetic audio
+  --seed ($seed)  --nj ($nj)  --engines ($engines)
+  --vocab-size ($vocab_size)
+  --lm-epochs ($lm_epochs)  --ctc-epochs ($ctc_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)
+  --thresholds (\"$thresholds\")  --decode-batch-size ($decode_batch_size)  --device ($device)
+"
+
+. tools/parse_options.sh
+. tools/log.sh
+
+conf=conf
+if [ "$quick" = true ]; then
+  conf=conf/quick
+  hours=0.03; engines=espeak,flite; vocab_size=64
+  lm_epochs=3; ctc_epochs=1; asr_epochs=3; avg=2; thresholds="0.5 0.9"
+fi
+
+venv=tools/venv
+if [ -x "$venv/bin/mtp-asr" ]; then
+  export PATH="$PWD/$venv/bin:$PATH"
+fi
+lang=data/lang_bpe_$vocab_size
+
+# Each stage runs once: its marker is written only after it succeeded, so a failed stage runs again on a rerun
+# (training then resumes from its last checkpoint).
+done_marker() { echo "exp/.done/$1"; }
+should_run() {
+  local n=$1 name=$2
+  [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ] || return 1
+  if [ -f "$(done_marker "$name")" ]; then
+    log "stage $n ($name): already done ($(done_marker "$name"))"
+    return 1
+  fi
+  log "stage $n: $name"
+}
+mark_done() { mkdir -p exp/.done; touch "$(done_marker "$1")"; }
+
+if should_run 0 install; then
+  bash tools/install.sh
+  export PATH="$PWD/$venv/bin:$PATH"
+  mark_done install
+fi
+
+if should_run 1 corpus; then
+  mtp-asr prepare synth data/manifests --hours "$hours" --seed "$seed" --jobs "$nj" --engines "$engines"
+  mark_done corpus
+fi
+
+if should_run 2 fbank; then
+  mtp-asr compute-fbank data/manifests data/fbank --jobs "$nj"
+  mark_done fbank
+fi
+
+if should_run 3 tokenizer; then
+  # LM text: the generator's lm_text.txt (train passages and unspoken sentences, never a dev/test sentence);
+  # the dev transcripts validate it.
+  mkdir -p data/lm
+  cp data/manifests/corpus/lm_text.txt data/lm/train.txt
+  cut -d' ' -f2- data/manifests/corpus/dev/text > data/lm/valid.txt
+  mtp-asr train-bpe data/fbank/cuts_train.jsonl.gz "$lang" --vocab-size "$vocab_size" --extra-text data/lm/train.txt
+  mark_done tokenizer
+fi
+
+if should_run 4 lm; then
+  mtp-asr pretrain-lm -c "$conf/lm.yaml" --exp-dir exp/lm --set "data.tokenizer=$lang/tokenizer.model" \
+    --set "num_epochs=$lm_epochs"
+  mark_done lm
+fi
+
+init_encoder=""
+if [ "$ctc_epochs" -gt 0 ]; then
+  init_encoder=exp/ctc/epoch-$ctc_epochs.pt
+  if should_run 5 ctc; then
+    mtp-asr train -c "$conf/train.yaml" --ctc-only --exp-dir exp/ctc --set "data.tokenizer=$lang/tokenizer.model" \
+      --set "num_epochs=$ctc_epochs" --set "optim.warmup_steps=50"
+    mark_done ctc
+  fi
+fi
+
+if should_run 6 asr; then
+  mtp-asr train -c "$conf/train.yaml" --exp-dir exp/asr --set "data.tokenizer=$lang/tokenizer.model" \
+    --set "num_epochs=$asr_epochs" --set "init_lm=exp/lm/epoch-$lm_epochs.pt" --set "init_encoder=$init_encoder"
+  mark_done asr
+fi
+
+model=exp/asr/avg-epoch-$asr_epochs-avg-$avg.pt
+if should_run 7 average; then
+  mtp-asr average --exp-dir exp/asr --epoch "$asr_epochs" --avg "$avg" --out "$model"
+  mark_done average
+fi
+
+if should_run 8 decode; then
+  cuts=()
+  for t in $test_sets; do cuts+=(--cuts "data/fbank/cuts_$t.jsonl.gz"); done
+  threshold_args=()
+  for t in $thresholds; do threshold_args+=(--threshold "$t"); done
+  for method in greedy mtp-threshold mtp-verify; do
+    mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" "${threshold_args[@]}" \
+      --batch-size "$decode_batch_size" --device "$device" --out-dir "exp/asr/decode/$method"
+  done
+  mark_done decode
+fi
+
+if [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
+  log "stage 9: results table"
+  mtp-asr summarize exp/asr/decode --out exp/summary.json
+fi

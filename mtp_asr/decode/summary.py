@@ -1,0 +1,67 @@
+"""The results table of a recipe: every `summary-*.json` under some directories, one row per (test set, method,
+setting), with the speed-up against greedy decoding of the same model, test set and batch size."""
+import json
+from pathlib import Path
+from typing import Sequence
+
+from mtp_asr.utils import atomic_write_text
+
+COLUMNS = ("test_set", "method", "threshold", "beam_size", "wer", "num_decoder_calls", "tokens_per_call",
+           "decoder_seconds", "wall_seconds", "speedup_calls", "speedup_seconds", "rtf")
+
+
+def collect(dirs: Sequence[Path]) -> list:
+    rows = []
+    for d in dirs:
+        for path in sorted(Path(d).rglob("summary-*.json")):
+            s = json.loads(path.read_text(encoding="utf-8"))
+            s["wall_seconds"] = round(s["encoder_seconds"] + s["decoder_seconds"], 4)
+            s["file"] = str(path)
+            rows.append(s)
+    return rows
+
+
+def _group(s: dict) -> tuple:
+    """Runs comparable to each other: same test set, model (the suffix's checkpoint part) and batch size."""
+    return s["test_set"], s.get("checkpoint", ""), s.get("batch_size")
+
+
+def add_speedups(rows: list) -> list:
+    greedy = {_group(s): s for s in rows if s["method"] == "greedy"}
+    for s in rows:
+        base = greedy.get(_group(s))
+        s["speedup_calls"] = round(base["num_decoder_calls"] / max(s["num_decoder_calls"], 1), 3) if base else None
+        s["speedup_seconds"] = round(base["wall_seconds"] / max(s["wall_seconds"], 1e-9), 3) if base else None
+    return rows
+
+
+def markdown(rows: list) -> str:
+    head = ("| test set | method | tau | beam | WER % | decoder calls | tokens/call | decoder s | wall s | "
+            "speed-up (calls) | speed-up (wall) | RTF |")
+    lines = [head, "|" + "---|" * 12]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for s in rows:
+        lines.append(
+            f"| {s['test_set']} | {s['method']} | {fmt(s.get('threshold'), 'g')} | {fmt(s.get('beam_size'), 'd')} | "
+            f"{s['wer']:.2f} | {s['num_decoder_calls']} | {s['tokens_per_call']:.2f} | {s['decoder_seconds']:.2f} | "
+            f"{s['wall_seconds']:.2f} | {fmt(s['speedup_calls'], '.2f')}x | {fmt(s['speedup_seconds'], '.2f')}x | "
+            f"{s['rtf']:.4f} |")
+    return "\n".join(lines)
+
+
+def summarize(dirs: Sequence[Path], out: Path) -> str:
+    """Write OUT (JSON rows) and OUT with .md (the table); return the table."""
+    rows = collect(dirs)
+    if not rows:
+        raise FileNotFoundError(f"no summary-*.json files under {', '.join(map(str, dirs))}")
+    order = {"greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "beam": 4, "mtp-beam": 5}
+    rows.sort(key=lambda s: (s["test_set"], s.get("checkpoint", ""), order.get(s["method"], 9),
+                             s.get("threshold") or 0, s.get("beam_size") or 0))
+    add_speedups(rows)
+    out = Path(out)
+    atomic_write_text(out, json.dumps([{k: s.get(k) for k in COLUMNS + ("checkpoint", "batch_size", "num_utts",
+                                                                       "num_tokens", "file")} for s in rows],
+                                      indent=2) + "\n")
+    table = markdown(rows)
+    atomic_write_text(out.with_suffix(".md"), table + "\n")
+    return table
