@@ -1,25 +1,28 @@
 #!/usr/bin/env python3
-"""Make the synthetic demo corpus: real English sentences spoken by offline TTS voices, as Kaldi data dirs.
+"""Make the synthetic demo corpus: passages of real English sentences spoken by offline TTS voices, as Kaldi dirs.
 
     python local/synth/make_corpus.py OUT_DIR --hours 0.8 --seed 0 --jobs 2 [--engines espeak,flite]
 
 Writes under OUT_DIR:
   train/ dev/ test/ test_unseen_voice/   Kaldi data dirs: wav.scp, text, utt2spk, spk2utt (sorted by utt id)
   wav/<split>/<utt_id>.wav                16 kHz mono 16-bit audio
-  lm_text.txt                             every in-vocabulary sentence except dev/test ones (decoder LM pre-training)
-  utterances.jsonl                        one line per planned utterance: voice, sentence, parameters, outcome
+  lm_text.txt                             decoder LM pre-training text, one line each: every in-vocabulary sentence
+                                          except dev/test ones, and every train passage
+  utterances.jsonl                        one line per planned utterance: voice, passage, parameters, outcome
   failed.txt                              one line per failed synthesis: utt id, engine/voice, error
   stats.json                              sizes per split and overall (also returned by make_corpus); written last
 
+An utterance is a passage of 1-3 sentences (12-30 words, mean ~18; see synth_passages) spoken as one recording.
 `hours` is the total audio over all four splits. dev and test take about 5% and 9% of the utterances (at least 3,
-at most 300 and 500, so they stay cheap to decode); test_unseen_voice speaks the test sentences with held-out
-voices (see synth_voices); train gets the rest. Sentences of dev and test never occur in train or lm_text.txt;
-a train sentence is reused with other voices once every train sentence has been spoken.
-Everything is drawn from one random generator seeded by `seed`, so a seed fixes sentences, voices, parameters and
-file names, and the audio too for the same engine versions. Utterance ids are `<voice_id>-s<sentence index>`.
+at most 100 and 170, so they stay cheap to decode); test_unseen_voice speaks the test passages with held-out
+voices (see synth_voices); train gets the rest. No sentence of a dev or test passage occurs in train or
+lm_text.txt; once every train passage has been spoken, the train sentences are regrouped into new passages.
+Everything is drawn from one random generator seeded by `seed`, so a seed fixes passages, voices, parameters and
+file names, and the audio too for the same engine versions. Utterance ids are `<voice_id>-p<passage id>`.
 """
 import argparse
 import collections
+import itertools
 import json
 import logging
 import multiprocessing
@@ -28,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:  # the sibling modules, also when the CLI loads this file by path
@@ -38,16 +41,19 @@ if str(_HERE.parents[1]) not in sys.path:  # mtp_asr from this checkout when the
 
 from mtp_asr.utils import Progress, atomic_write_text, format_seconds, logger, setup_logging  # noqa: E402
 from synth_render import RenderBatch, RenderJob, Result, render_batch  # noqa: E402
-from synth_sentences import VOCAB_SIZE, Sentence, SentencePool, load_sentence_pool  # noqa: E402
+from synth_passages import Passage, form_passages, passage_units  # noqa: E402
+from synth_sentences import VOCAB_SIZE, SentencePool, load_sentence_pool  # noqa: E402
 from synth_voices import (  # noqa: E402
-    ENGINE_BINARIES, Voice, VoicePicker, available_engines, check_engines, draw_params)
+    ENGINE_BINARIES, Voice, VoicePicker, check_engines, default_engines, draw_params, missing_engines)
 
 SPLITS = ("train", "dev", "test", "test_unseen_voice")
 DEV_FRACTION, TEST_FRACTION = 0.05, 0.09
-MIN_EVAL_UTTS, MAX_DEV_UTTS, MAX_TEST_UTTS = 3, 300, 500
+# Caps in passages of ~18 words: as many words as 300 and 500 single sentences of ~6, so eval stays cheap to decode.
+MIN_EVAL_UTTS, MAX_DEV_UTTS, MAX_TEST_UTTS = 3, 100, 170
 MIN_TRAIN_UTTS = 3
-# Planning estimate of an utterance's length (measured over the engine mix at rate 1); stats report real hours.
-SECONDS_FIXED, SECONDS_PER_WORD = 0.48, 0.24
+# Planning estimate of an utterance's length at rate 1: least-squares fit over 865 passages of the default engine
+# mix (engines differ by -5% to +19%); stats report the real hours.
+SECONDS_FIXED, SECONDS_PER_WORD, SECONDS_PER_PAUSE = 0.75, 0.23, 0.44
 BATCH_SIZE = 16
 # Rough real-time factors measured on one core, to start the slowest batches first so the pool ends together.
 SPEED_X_REALTIME = {"espeak": 300, "flite": 60, "festival": 150, "festival_slthts": 20, "hibari": 30}
@@ -58,64 +64,75 @@ class Utterance:
     utt_id: str
     split: str
     voice: Voice
-    sentence_index: int
-    sentence: Sentence
+    passage_id: int
+    passage: Passage
     params: dict
 
 
-def estimate_seconds(sentence: Sentence, params: dict) -> float:
-    return (SECONDS_FIXED + SECONDS_PER_WORD * len(sentence.text.split())) / params["rate"] / params.get("tempo", 1.0)
+@dataclass(frozen=True)
+class CorpusPlan:
+    utterances: List[Utterance]
+    train_passages: List[Passage]  # every passage formed of train sentences, spoken or not (LM text)
+
+
+def estimate_seconds(passage: Passage, params: Optional[dict] = None) -> float:
+    """Planned length of `passage` spoken with `params` (at rate 1 without): leading and trailing silence, words,
+    and the pause between sentences."""
+    seconds = SECONDS_FIXED + SECONDS_PER_WORD * passage.words + SECONDS_PER_PAUSE * (len(passage.sentence_indices) - 1)
+    return seconds / params["rate"] / params.get("tempo", 1.0) if params else seconds
 
 
 def _clamp(value: float, low: int, high: int) -> int:
     return int(min(max(round(value), low), high))
 
 
-def plan_corpus(pool: SentencePool, picker: VoicePicker, hours: float, rng: random.Random) -> List[Utterance]:
-    """Which sentence each voice speaks in which split, with its parameters; about `hours` of audio in all."""
-    order = list(range(len(pool.sentences)))
-    rng.shuffle(order)
-    mean_words = sum(len(s.text.split()) for s in pool.sentences) / len(pool.sentences)
-    expected_utts = hours * 3600 / (SECONDS_FIXED + SECONDS_PER_WORD * mean_words)
+def plan_corpus(pool: SentencePool, picker: VoicePicker, hours: float, rng: random.Random) -> CorpusPlan:
+    """Which passage each voice speaks in which split, with its parameters; about `hours` of audio in all.
+
+    The pool is cut into passages once; test and dev take whole passages, so no sentence of theirs is in train.
+    Train speaks its passages in turn; when every one has been spoken, its sentences are regrouped into new passages.
+    """
+    units = passage_units(pool, range(len(pool.sentences)))
+    rng.shuffle(units)
+    passages = form_passages(pool, units, rng)
+    expected_utts = hours * 3600 / (sum(estimate_seconds(p) for p in passages) / len(passages))
     n_test = _clamp(TEST_FRACTION * expected_utts, MIN_EVAL_UTTS, MAX_TEST_UTTS)
     n_dev = _clamp(DEV_FRACTION * expected_utts, MIN_EVAL_UTTS, MAX_DEV_UTTS)
-    if n_test + n_dev + MIN_TRAIN_UTTS > len(order):
-        raise ValueError(f"only {len(order)} sentences in the vocabulary: too few for {n_test} test and {n_dev} dev "
-                         f"sentences plus train; raise the vocabulary size")
-    test, dev, train = order[:n_test], order[n_test:n_test + n_dev], order[n_test + n_dev:]
+    if n_test + n_dev + MIN_TRAIN_UTTS > len(passages):
+        raise ValueError(f"only {len(passages)} passages of {len(pool.sentences)} in-vocabulary sentences: too few "
+                         f"for {n_test} test and {n_dev} dev passages plus train; raise the vocabulary size")
+    ids = itertools.count()
+    numbered = [(next(ids), p) for p in passages]
+    test, dev, train = numbered[:n_test], numbered[n_test:n_test + n_dev], numbered[n_test + n_dev:]
     plan: List[Utterance] = []
 
-    def add(split: str, index: int, voice: Voice) -> float:
-        utt_id = f"{voice.voice_id}-s{index:05d}"
-        utt = Utterance(utt_id, split, voice, index, pool.sentences[index], draw_params(voice, rng))
+    def add(split: str, passage_id: int, passage: Passage, voice: Voice) -> float:
+        utt = Utterance(f"{voice.voice_id}-p{passage_id:05d}", split, voice, passage_id, passage,
+                        draw_params(voice, rng))
         plan.append(utt)
-        return estimate_seconds(utt.sentence, utt.params)
+        return estimate_seconds(passage, utt.params)
 
     budget = hours * 3600
-    for index in test:
-        budget -= add("test", index, picker.seen_voice(rng))
-        budget -= add("test_unseen_voice", index, picker.held_out_voice(rng))
-    for index in dev:
-        budget -= add("dev", index, picker.seen_voice(rng))
-    voices_used: Dict[int, set] = {index: set() for index in train}
+    for passage_id, passage in test:
+        budget -= add("test", passage_id, passage, picker.seen_voice(rng))
+        budget -= add("test_unseen_voice", passage_id, passage, picker.held_out_voice(rng))
+    for passage_id, passage in dev:
+        budget -= add("dev", passage_id, passage, picker.seen_voice(rng))
+    train_passages = [p for _, p in train]
+    train_sentences = [i for p in train_passages for i in p.sentence_indices]
+    queue = collections.deque(train)
     n_train = 0
-    while budget > 0 or n_train < MIN_TRAIN_UTTS:  # each round speaks every train sentence with one more voice
-        added = False
-        for index in train:
-            if budget <= 0 and n_train >= MIN_TRAIN_UTTS:
-                break
-            voice = picker.seen_voice(rng, exclude=frozenset(voices_used[index]))
-            if voice is None:
-                continue
-            voices_used[index].add(voice.voice_id)
-            budget -= add("train", index, voice)
-            n_train += 1
-            added = True
-        if not added:
-            logger.warning("every train sentence is spoken by all %d seen voices: the corpus is %.2f h short",
-                           picker.seen_voice_count(), budget / 3600)
-            break
-    return plan
+    while budget > 0 or n_train < MIN_TRAIN_UTTS:
+        if not queue:  # every train passage spoken: the same sentences in new passages, rather than repeats
+            units = passage_units(pool, train_sentences)
+            rng.shuffle(units)
+            regrouped = form_passages(pool, units, rng)
+            train_passages += regrouped
+            queue.extend((next(ids), p) for p in regrouped)
+        passage_id, passage = queue.popleft()
+        budget -= add("train", passage_id, passage, picker.seen_voice(rng))
+        n_train += 1
+    return CorpusPlan(plan, train_passages)
 
 
 def make_batches(plan: Sequence[Utterance], out_dir: Path, binaries: Dict[str, str]) -> List[RenderBatch]:
@@ -128,9 +145,9 @@ def make_batches(plan: Sequence[Utterance], out_dir: Path, binaries: Dict[str, s
         speed = SPEED_X_REALTIME.get(voice.voice_id, SPEED_X_REALTIME[voice.engine])
         for start in range(0, len(utts), BATCH_SIZE):
             chunk = utts[start:start + BATCH_SIZE]
-            jobs = tuple(RenderJob(u.utt_id, u.sentence.spoken, u.params, str(wav_path(out_dir, u))) for u in chunk)
+            jobs = tuple(RenderJob(u.utt_id, u.passage.spoken, u.params, str(wav_path(out_dir, u))) for u in chunk)
             batches.append(RenderBatch(voice.engine, binaries.get(voice.engine), voice.name, jobs))
-            costs.append(sum(estimate_seconds(u.sentence, u.params) for u in chunk) / speed)
+            costs.append(sum(estimate_seconds(u.passage, u.params) for u in chunk) / speed)
     order = sorted(range(len(batches)), key=lambda i: -costs[i])
     return [batches[i] for i in order]
 
@@ -171,7 +188,7 @@ def _write_data_dir(split_dir: Path, utts: List[Utterance], out_dir: Path) -> No
     for u in utts:
         spk2utt[u.voice.voice_id].append(u.utt_id)
     atomic_write_text(split_dir / "wav.scp", "".join(f"{u.utt_id} {wav_path(out_dir, u)}\n" for u in utts))
-    atomic_write_text(split_dir / "text", "".join(f"{u.utt_id} {u.sentence.text}\n" for u in utts))
+    atomic_write_text(split_dir / "text", "".join(f"{u.utt_id} {u.passage.text}\n" for u in utts))
     atomic_write_text(split_dir / "utt2spk", "".join(f"{u.utt_id} {u.voice.voice_id}\n" for u in utts))
     atomic_write_text(split_dir / "spk2utt", "".join(f"{s} {' '.join(ids)}\n" for s, ids in sorted(spk2utt.items())))
 
@@ -196,16 +213,16 @@ def make_corpus(out_dir: Path, hours: float, seed: int = 0, jobs: int = 2, engin
     out_dir = Path(out_dir).resolve()
     if isinstance(engines, str):
         engines = engines.split(",")
-    if engines:
-        engines = check_engines([e.strip() for e in engines])
-    else:
-        engines = available_engines()
-        logger.info("engines found here: %s", ", ".join(engines) or "none")
+    engines = check_engines([e.strip() for e in engines]) if engines else default_engines()
+    for engine in missing_engines(engines):
+        logger.warning("engine %s is not installed here: its utterances will fail (install it, or leave it out of "
+                       "--engines)", engine)
     picker = VoicePicker(engines)
     pool = load_sentence_pool(vocab_size)
-    logger.info("%d in-vocabulary sentences (of %d clean candidates), vocabulary %d words",
-                len(pool.sentences), pool.candidates, len(pool.vocabulary))
-    plan = plan_corpus(pool, picker, hours, random.Random(seed))
+    logger.info("%d in-vocabulary sentences (of %d clean candidates, %d in runs of one source), vocabulary %d words",
+                len(pool.sentences), pool.candidates, sum(len(r) for r in pool.runs), len(pool.vocabulary))
+    corpus_plan = plan_corpus(pool, picker, hours, random.Random(seed))
+    plan = corpus_plan.utterances
     logger.info("synthesizing %d utterances (about %.2f h) with %s on %d process(es)", len(plan), hours,
                 ", ".join(engines), jobs)
     batches = make_batches(plan, out_dir, dict(ENGINE_BINARIES))
@@ -223,33 +240,24 @@ def make_corpus(out_dir: Path, hours: float, seed: int = 0, jobs: int = 2, engin
     for split in SPLITS:
         _write_data_dir(out_dir / split, [u for u in ok if u.split == split], out_dir)
     _remove_stale_wavs(out_dir, ok)
-    eval_sentences = {u.sentence.text for u in plan if u.split != "train"}
-    lm_text = sorted(s.text for s in pool.sentences if s.text not in eval_sentences)
-    atomic_write_text(out_dir / "lm_text.txt", "".join(f"{t}\n" for t in lm_text))
-    atomic_write_text(out_dir / "utterances.jsonl", "".join(json.dumps({
-        "utt_id": u.utt_id, "split": u.split, "voice_id": u.voice.voice_id, "engine": u.voice.engine,
-        "voice": u.voice.name, "sentence_index": u.sentence_index, "text": u.sentence.text,
-        "spoken": u.sentence.spoken, "params": u.params, "seconds": results[u.utt_id][1],
-        "error": results[u.utt_id][2]}) + "\n" for u in sorted(plan, key=lambda u: u.utt_id)))
+    lm_sentences, lm_passages = lm_text(pool, corpus_plan)
+    atomic_write_text(out_dir / "lm_text.txt", "".join(f"{t}\n" for t in sorted(lm_sentences | lm_passages)))
+    atomic_write_text(out_dir / "utterances.jsonl", "".join(
+        json.dumps(_utterance_record(pool, u, results[u.utt_id])) + "\n" for u in sorted(plan, key=lambda u: u.utt_id)))
 
     seconds = {u.utt_id: results[u.utt_id][1] for u in ok}
-    lengths = [len(u.sentence.text.split()) for u in ok]
     stats = {
-        "splits": {split: {
-            "utterances": sum(u.split == split for u in ok),
-            "hours": round(sum(seconds[u.utt_id] for u in ok if u.split == split) / 3600, 4),
-            "voices": len({u.voice.voice_id for u in ok if u.split == split}),
-            "sentences": len({u.sentence_index for u in ok if u.split == split}),
-        } for split in SPLITS},
-        "utterances": len(ok),
-        "hours": round(sum(seconds.values()) / 3600, 4),
-        "voices": len({u.voice.voice_id for u in ok}),
+        "splits": {split: _split_stats([u for u in ok if u.split == split], seconds) for split in SPLITS},
+        **_split_stats(ok, seconds),
+        "sentences_per_utterance": _summary([len(u.passage.sentence_indices) for u in ok]),
         "held_out_voices": sorted({u.voice.voice_id for u in ok if u.voice.held_out}),
         "engines": list(engines),
+        "utterances_per_engine": {e: sum(u.voice.engine == e for u in ok) for e in engines},
         "vocabulary_size": len(pool.vocabulary),
         "sentences_in_vocabulary": len(pool.sentences),
-        "lm_text_sentences": len(lm_text),
-        "sentence_length_words": [min(lengths), max(lengths)],
+        "lm_text_lines": len(lm_sentences | lm_passages),
+        "lm_text_sentences": len(lm_sentences),
+        "lm_text_passages": len(lm_passages - lm_sentences),
         "failed_syntheses": len(failed),
         "wall_clock_seconds": round(time.monotonic() - start, 1),
         "seed": seed,
@@ -257,10 +265,44 @@ def make_corpus(out_dir: Path, hours: float, seed: int = 0, jobs: int = 2, engin
         "jobs": jobs,
     }
     atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
-    logger.info("corpus in %s: %d utterances, %.2f h, %d voices, vocabulary %d, %d failed, %s", out_dir,
-                stats["utterances"], stats["hours"], stats["voices"], stats["vocabulary_size"], len(failed),
+    words = stats["words_per_utterance"]
+    logger.info("corpus in %s: %d utterances, %.2f h, %d voices, vocabulary %d, %d-%d words per utterance "
+                "(mean %.1f), %d failed, %s", out_dir, stats["utterances"], stats["hours"], stats["voices"],
+                stats["vocabulary_size"], words["min"], words["max"], words["mean"], len(failed),
                 format_seconds(stats["wall_clock_seconds"]))
     return stats
+
+
+def lm_text(pool: SentencePool, corpus_plan: CorpusPlan) -> Tuple[Set[str], Set[str]]:
+    """The LM text lines: every in-vocabulary sentence that no dev/test passage holds, and every train passage."""
+    held_out = {i for u in corpus_plan.utterances if u.split != "train" for i in u.passage.sentence_indices}
+    sentences = {s.text for i, s in enumerate(pool.sentences) if i not in held_out}
+    return sentences, {p.text for p in corpus_plan.train_passages}
+
+
+def _utterance_record(pool: SentencePool, u: Utterance, result: Result) -> dict:
+    return {"utt_id": u.utt_id, "split": u.split, "voice_id": u.voice.voice_id, "engine": u.voice.engine,
+            "voice": u.voice.name, "passage_id": u.passage_id, "sentence_indices": list(u.passage.sentence_indices),
+            "sentences": [pool.sentences[i].text for i in u.passage.sentence_indices], "text": u.passage.text,
+            "spoken": u.passage.spoken, "params": u.params, "seconds": result[1], "error": result[2]}
+
+
+def _split_stats(utts: List[Utterance], seconds: Dict[str, float]) -> dict:
+    return {
+        "utterances": len(utts),
+        "hours": round(sum(seconds[u.utt_id] for u in utts) / 3600, 4),
+        "voices": len({u.voice.voice_id for u in utts}),
+        "passages": len({u.passage_id for u in utts}),
+        "sentences": len({i for u in utts for i in u.passage.sentence_indices}),
+        "words_per_utterance": _summary([u.passage.words for u in utts]),
+        "seconds_per_utterance": _summary([seconds[u.utt_id] for u in utts]),
+    }
+
+
+def _summary(values: Sequence[float]) -> dict:
+    if not values:
+        return {"min": None, "mean": None, "max": None}
+    return {"min": round(min(values), 2), "mean": round(sum(values) / len(values), 2), "max": round(max(values), 2)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -270,7 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="synthesis processes")
     parser.add_argument("--engines", default=None,
-                        help="comma-separated subset of espeak,flite,festival,hibari (default: all installed)")
+                        help="comma-separated subset of espeak,flite,festival,hibari "
+                             "(default: espeak,flite,festival, plus hibari where importable)")
     parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="most frequent words the sentences use")
     args = parser.parse_args(argv)
     setup_logging(logging.INFO)

@@ -10,15 +10,18 @@ out or expand), no single-letter words other than A and I (initials like "J. R."
 About 56k distinct sentences pass; then only those whose words are all among the most frequent VOCAB_SIZE
 words are kept.
 
-Why VOCAB_SIZE = 800 (measured here: distinct surviving sentences, and their hours at the ~1.9 s that one
-utterance of ~6 words lasts):
+Sentences that follow each other in one fortune cookie or WordNet gloss are also recorded as runs, so that a
+passage (synth_passages) can read them together, in order.
+
+Why VOCAB_SIZE = 800 (measured here: distinct surviving sentences, and their hours at the ~1.9 s that a sentence
+of ~6 words lasts within a passage):
     500 words -> 1.7k sentences (0.9 h)   1000 words -> 3.9k (2.1 h)
     800 words -> 3.0k sentences (1.6 h)   2000 words -> 8.3k (4.7 h)
 The demo trains for ~15 minutes on a 2-core CPU on 0.5-1 h of speech, i.e. 5-10k spoken words: with 800 types
 about half of them occur ten times or more in the sentence pool, so most test words have been heard in training,
-while 3.0k distinct sentences still give each train utterance of a 0.5-1 h corpus its own sentence and leave
-1.3k-2k sentences unspoken, as extra LM text. Larger corpora reuse train sentences with other voices (test
-sentences never).
+while 3.0k distinct sentences still give every train passage of a 0.5-1 h corpus fresh sentences and leave
+1.3k-2k sentences unspoken, as extra LM text. Larger corpora regroup the train sentences into new passages (dev
+and test sentences never).
 """
 import collections
 import functools
@@ -51,30 +54,40 @@ class Sentence:
 
 
 @dataclass(frozen=True)
+class Candidates:
+    sentences: Tuple[Sentence, ...]  # distinct, sorted by text
+    runs: Tuple[Tuple[str, ...], ...]  # transcripts of 2+ consecutive clean sentences of one fortune or gloss
+
+
+@dataclass(frozen=True)
 class SentencePool:
     sentences: Tuple[Sentence, ...]  # sorted by text, so a sentence's index is stable for a vocabulary size
+    runs: Tuple[Tuple[int, ...], ...]  # indices of 2+ consecutive kept sentences of one source; disjoint
     vocabulary: Tuple[str, ...]  # the words the kept sentences use, sorted
     candidates: int  # sentences that passed the prose filters before the vocabulary restriction
 
 
-def wordnet_examples(wordnet_dir: Path = WORDNET_DIR) -> Iterator[str]:
-    """The quoted examples of every gloss: `... | gloss text; "example one"; "example two"`."""
+def wordnet_glosses(wordnet_dir: Path = WORDNET_DIR) -> Iterator[List[str]]:
+    """The quoted examples of each gloss, one list per synset: `... | gloss text; "example one"; "example two"`."""
     for path in sorted(wordnet_dir.glob("data.*")):
         with path.open(encoding="latin-1") as f:
             for line in f:
                 if line.startswith("  "):  # the licence header
                     continue
-                yield from _QUOTED.findall(line.partition(" | ")[2])
+                examples = _QUOTED.findall(line.partition(" | ")[2])
+                if examples:
+                    yield examples
 
 
-def fortune_sentences(fortune_dir: Path = FORTUNE_DIR) -> Iterator[str]:
-    """Sentences of the (non-offensive) fortune cookies, without their attributions."""
+def fortune_cookies(fortune_dir: Path = FORTUNE_DIR) -> Iterator[List[str]]:
+    """The sentences of each (non-offensive) fortune cookie, without its attribution, one list per cookie."""
     for path in sorted(fortune_dir.iterdir()):
         if path.suffix or not path.is_file() or path.name in FORTUNE_SKIP:  # .dat indexes, .u8 links
             continue
         for cookie in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
             cookie = " ".join(_ATTRIBUTION.split(cookie)[0].split())
-            yield from _SENTENCE_END.split(cookie)
+            if cookie:
+                yield _SENTENCE_END.split(cookie)
 
 
 def speakable(raw: str) -> str:
@@ -98,38 +111,65 @@ def _is_clean(text: str) -> bool:
     return MIN_WORDS <= len(words) <= MAX_WORDS and all(len(w) > 1 or w in ("A", "I") for w in words)
 
 
-def candidate_sentences(raw_sentences: Iterable[str]) -> List[Sentence]:
-    """Distinct clean sentences, sorted by transcript; the first spoken form (in sorted order) wins."""
+def candidate_sentences(documents: Iterable[Sequence[str]]) -> Candidates:
+    """Distinct clean sentences of the documents, and the runs of consecutive clean ones within a document."""
     best = {}
-    for raw in raw_sentences:
-        spoken = speakable(raw)
-        if not spoken:
-            continue
-        text = normalize_text(spoken)
-        if _is_clean(text) and (text not in best or spoken < best[text]):
-            best[text] = spoken
-    return [Sentence(text, best[text]) for text in sorted(best)]
+    runs = {}  # an ordered set: a cookie may be in several fortune files
+    for document in documents:
+        run: List[str] = []
+        for raw in list(document) + [""]:  # the empty end marker closes the last run
+            spoken = speakable(raw)
+            text = normalize_text(spoken)
+            if not (spoken and _is_clean(text)):
+                if len(run) > 1:
+                    runs[tuple(run)] = None
+                run = []
+                continue
+            run.append(text)
+            if text not in best or spoken < best[text]:
+                best[text] = spoken
+    return Candidates(tuple(Sentence(text, best[text]) for text in sorted(best)), tuple(runs))
 
 
-def restrict_to_vocabulary(candidates: Sequence[Sentence], vocab_size: int) -> SentencePool:
+def restrict_to_vocabulary(candidates: Candidates, vocab_size: int) -> SentencePool:
     """Keep the sentences whose words are all among the `vocab_size` most frequent (ties broken alphabetically)."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    counts = collections.Counter(w for s in candidates for w in s.text.split())
+    counts = collections.Counter(w for s in candidates.sentences for w in s.text.split())
     allowed = set(sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size])
-    kept = tuple(s for s in candidates if all(w in allowed for w in s.text.split()))
+    kept = tuple(s for s in candidates.sentences if all(w in allowed for w in s.text.split()))
     vocabulary = tuple(sorted({w for s in kept for w in s.text.split()}))
-    return SentencePool(kept, vocabulary, len(candidates))
+    return SentencePool(kept, _kept_runs(candidates.runs, kept), vocabulary, len(candidates.sentences))
+
+
+def _kept_runs(runs: Iterable[Sequence[str]], kept: Sequence[Sentence]) -> Tuple[Tuple[int, ...], ...]:
+    """The runs split at dropped sentences; a sentence joins only its first run, so passages never repeat one."""
+    index = {s.text: i for i, s in enumerate(kept)}
+    claimed = set()
+    out = []
+    for run in runs:
+        part: List[int] = []
+        for text in list(run) + [None]:
+            i = index.get(text)
+            if i is None or i in claimed or i in part:
+                if len(part) > 1:
+                    out.append(tuple(part))
+                    claimed.update(part)
+                part = []
+                if i is None or i in claimed:
+                    continue
+            part.append(i)
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=1)  # filtering the sources takes seconds; the result is immutable
-def source_candidates() -> Tuple[Sentence, ...]:
+def source_candidates() -> Candidates:
     for source in (WORDNET_DIR, FORTUNE_DIR):
         if not source.is_dir():
             raise FileNotFoundError(
                 f"{source} is missing: install the Debian packages wordnet-base, fortunes and fortunes-min"
             )
-    return tuple(candidate_sentences(list(wordnet_examples()) + list(fortune_sentences())))
+    return candidate_sentences(list(wordnet_glosses()) + list(fortune_cookies()))
 
 
 def load_sentence_pool(vocab_size: int = VOCAB_SIZE) -> SentencePool:

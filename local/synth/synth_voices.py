@@ -15,9 +15,10 @@ import importlib.util
 import random
 import shutil
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 ENGINES = ("espeak", "flite", "festival", "hibari")
+DEBIAN_ENGINES = ("espeak", "flite", "festival")
 # Executables run per engine; make_corpus reads this at call time and hands it to the workers (tests patch it).
 ENGINE_BINARIES: Dict[str, str] = {"espeak": "espeak-ng", "flite": "flite", "festival": "festival"}
 # Share of the seen-voice utterances per engine (renormalised over the engines asked for): the fast formant and
@@ -72,12 +73,21 @@ def all_voices() -> List[Voice]:
     return voices
 
 
-def available_engines() -> List[str]:
-    """The engines installed here: Debian binaries on PATH, hibari importable."""
-    found = [e for e, binary in ENGINE_BINARIES.items() if shutil.which(binary)]
-    if importlib.util.find_spec("hibari") is not None:
-        found.append("hibari")
-    return [e for e in ENGINES if e in found]
+def default_engines() -> List[str]:
+    """The engines used when none are asked for: the Debian ones always, so the corpus does not depend on what a
+    machine happens to have (a missing one's utterances fail and are counted), and hibari where it is installed
+    (the optional `demo` extra)."""
+    return list(DEBIAN_ENGINES) + (["hibari"] if importlib.util.find_spec("hibari") is not None else [])
+
+
+def missing_engines(engines: Sequence[str]) -> List[str]:
+    """The engines of `engines` that cannot run here: binary not on PATH, or hibari not importable."""
+    def installed(engine: str) -> bool:
+        if engine in ENGINE_BINARIES:
+            return shutil.which(ENGINE_BINARIES[engine]) is not None
+        return importlib.util.find_spec(engine) is not None
+
+    return [e for e in engines if not installed(e)]
 
 
 def check_engines(engines: Sequence[str]) -> List[str]:
@@ -99,19 +109,12 @@ class VoicePicker:
         if not self.seen or not self.held_out:
             raise ValueError(f"engines {list(engines)} lack seen or held-out voices: add espeak, flite or festival")
 
-    def seen_voice(self, rng: random.Random, exclude: frozenset = frozenset()) -> Optional[Voice]:
-        """A seen voice not in `exclude` (voice ids), or None when the engines have no other voice left."""
-        engines = [e for e in self.seen if any(v.voice_id not in exclude for v in self.seen[e])]
-        if not engines:
-            return None
-        engine = rng.choices(engines, weights=[ENGINE_SHARE[e] for e in engines])[0]
-        return rng.choice([v for v in self.seen[engine] if v.voice_id not in exclude])
+    def seen_voice(self, rng: random.Random) -> Voice:
+        engine = rng.choices(list(self.seen), weights=[ENGINE_SHARE[e] for e in self.seen])[0]
+        return rng.choice(self.seen[engine])
 
     def held_out_voice(self, rng: random.Random) -> Voice:
         return rng.choice(self.held_out[rng.choice(sorted(self.held_out))])
-
-    def seen_voice_count(self) -> int:
-        return sum(len(vs) for vs in self.seen.values())
 
 
 def draw_params(voice: Voice, rng: random.Random) -> dict:
