@@ -124,3 +124,21 @@ def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_head
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def trained_counting_lm(kind: str = "latent", num_heads: int = 3, rows: int = 64, steps: int = 60):
+    """A tiny LM trained briefly to continue c -> c+1, c+2, ... (length depending on c): heads agree, drafts get
+    accepted. Returns the model (float64, eval) and `rows` prompts `[BOS] c`."""
+    torch.manual_seed(0)
+    lm = tiny_lm(kind, num_heads=num_heads, vocab=32, dim=32, seed=40, dtype=torch.float32, randomize=False).train()
+    data = [list(range(c, c + 4 + c % 5)) for c in range(3, 24)]
+    opt = torch.optim.Adam(lm.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = lm(data).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm = lm.double().eval()
+    firsts = torch.randint(3, 24, (rows,), generator=torch.Generator().manual_seed(1))
+    prefix = lm.embed(torch.stack([torch.full_like(firsts, lm.bos_id), firsts], 1)).detach()
+    return lm, prefix, torch.full((rows,), 2)

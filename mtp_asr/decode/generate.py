@@ -15,19 +15,23 @@ after all were accepted). What happens with heads 2..K at that position is the m
 - `mtp-threshold`: head k's argmax is emitted too while every earlier one was and its probability >= tau; all the
   emitted tokens are fed (pending) in the next call. Lossy.
 - `mtp-verify`: heads 2..K give the next call's drafts. Output identical to greedy.
+- `ctc-verify`: drafts come from an external sequence per row (the encoder's CTC transcript, see
+  `mtp_asr.decode.drafts`), up to `max_draft` tokens per call and already in the prefill call, re-aligned to what was
+  emitted after each rejection; heads 2..K draft once it is used up. Output identical to greedy.
 
 A row leaves the batch (and its cache rows are dropped) once it emits EOS or reaches its length limit.
 Decoder calls are counted per utterance (the calls its row took part in, independent of batching) and per batch.
 """
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from mtp_asr.decode.drafts import DraftAligner, draft_sequences
 from mtp_asr.model.lm import MTPLanguageModel
 
-METHODS = ("greedy", "mtp-threshold", "mtp-verify")
+METHODS = ("greedy", "mtp-threshold", "mtp-verify", "ctc-verify")
 
 
 @dataclass
@@ -42,15 +46,18 @@ class GenerateOutput:
     hyps: list  # one Hypothesis per row, in input order
     batch_calls: int  # decoder forward passes run for the whole batch
     accepted_per_head: list = field(default_factory=list)  # emitted tokens that came from head k (k = 1..K)
+    accepted_external: int = 0  # emitted tokens that came from external (CTC) drafts
 
 
 @torch.inference_mode()
 def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: str = "greedy",
-             num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200) -> GenerateOutput:
+             num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200,
+             drafts: Optional[Sequence[Sequence[int]]] = None, max_draft: int = 32) -> GenerateOutput:
     """Decode every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
 
     num_heads: heads to use (default: all of the model's; `greedy` uses 1). max_new_tokens: an int or a (B,) tensor
-    of per-row limits, EOS excluded.
+    of per-row limits, EOS excluded. drafts (ctc-verify): one token sequence per row (without EOS); max_draft: draft
+    tokens verified per call at most.
     """
     if method not in METHODS:
         raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
@@ -63,9 +70,13 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     limits = torch.as_tensor(max_new_tokens, device=device).expand(B).clone()
     if int(limits.min()) < 1:
         raise ValueError(f"max_new_tokens must be >= 1 for every row (got {limits.tolist()})")
-    verify = method == "mtp-verify"
+    if method == "ctc-verify" and (drafts is None or len(drafts) != B or max_draft < 1):
+        raise ValueError("ctc-verify needs one draft sequence per row and max_draft >= 1")
+    verify = method in ("mtp-verify", "ctc-verify")
+    aligners = [DraftAligner(d) for d in draft_sequences(drafts, lm.eos_id)] if method == "ctc-verify" else None
 
-    cache = lm.decoder.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * K + 1,
+    lookahead = max(K, max_draft if aligners else 0)
+    cache = lm.decoder.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * lookahead + 1,
                                  lm.heads.num_cache_layers, dtype=prefix.dtype)
     rows = torch.arange(B, device=device)  # original row index of each live row
     out = [[] for _ in range(B)]
@@ -74,9 +85,13 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     from_head = [0] * K
     eos = lm.eos_id
 
-    # The first call is the prefill: the prompts are "pending" and nothing is drafted.
-    block, n_pending = prefix, prefix_lens.clone()
-    n_draft = torch.zeros(B, dtype=torch.long, device=device)
+    # The first call is the prefill: the prompts are "pending", followed by external drafts if there are any.
+    first = [a.continuation(max_draft) for a in aligners] if aligners else [[] for _ in range(B)]
+    block, _ = lm.append_tokens(prefix, prefix_lens, first)
+    n_pending = prefix_lens.clone()
+    draft_ids, n_draft = _pad(first, device)
+    draft_sources = [[0] * len(d) for d in first]
+    from_external = 0
     batch_calls = 0
     while rows.numel():
         T = block.shape[1]
@@ -94,11 +109,9 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         offs = offs.clamp(max=T - 1)
         g = lm.heads.logits(lm.decoder, 0, states[0][ar[:, None], offs]).argmax(-1)  # (live, q+1)
         if q:
-            drafts = _draft_columns(block, n_pending, q)
-            ok = (drafts == g[:, :q]) & (torch.arange(q, device=device) < n_draft[:, None])
+            ok = (draft_ids == g[:, :q]) & (torch.arange(q, device=device) < n_draft[:, None])
             accepted = ok.long().cumprod(dim=1).sum(dim=1)  # leading run of accepted drafts
         else:
-            drafts = None
             accepted = torch.zeros(live, dtype=torch.long, device=device)
         cache.lengths += n_pending + accepted
         last = n_pending - 1 + accepted  # the last kept position in this call's block
@@ -114,16 +127,16 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
 
         # Emit, on the host: accepted drafts, the correction, and (threshold) confident head tokens.
         acc_l, corr_l = accepted.tolist(), correction.tolist()
-        drafts_l = drafts.tolist() if drafts is not None else None
+        drafts_l = draft_ids.tolist() if q else None
         extra_l = extra.tolist() if extra is not None else None
         if extra_p is not None:
             confident = (extra_p >= threshold).long().cumprod(dim=1).sum(dim=1).tolist()
-        keep, next_pending, next_drafts = [], [], []
+        keep, next_pending, next_drafts, next_sources = [], [], [], []
         for i, r in enumerate(rows.tolist()):
             calls[r] += 1
             new = (drafts_l[i][: acc_l[i]] if drafts_l else []) + [corr_l[i]]
-            sources = list(range(2, 2 + acc_l[i])) if verify else [1] * acc_l[i]
-            sources.append(1)
+            # Where each emitted token came from: 1..K a head, 0 an external draft.
+            sources = draft_sources[i][: acc_l[i]] + [1]
             if extra_p is not None:
                 new += extra_l[i][: confident[i]]
                 sources += list(range(2, 2 + confident[i]))
@@ -134,7 +147,10 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
                     done[r] = True
                     break
                 out[r].append(tok)
-                from_head[src - 1] += 1
+                if src:
+                    from_head[src - 1] += 1
+                else:
+                    from_external += 1
                 if len(out[r]) >= limits[r]:
                     finished = True
                     break
@@ -142,7 +158,19 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
                 continue
             keep.append(i)
             next_pending.append(new[acc_l[i]:])  # the accepted drafts are in the cache already
-            next_drafts.append(extra_l[i] if verify and extra_l else [])
+            external = []
+            if aligners:
+                aligners[r].advance(new)
+                external = aligners[r].continuation(max_draft)
+            if external:
+                next_drafts.append(external)
+                next_sources.append([0] * len(external))
+            elif verify and extra_l:
+                next_drafts.append(extra_l[i])
+                next_sources.append(list(range(2, 1 + K)))
+            else:
+                next_drafts.append([])
+                next_sources.append([])
         if not keep:
             break
         if len(keep) < live:
@@ -150,9 +178,11 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
             cache.select(idx)
             rows = rows[idx]
         block, n_pending, n_draft = _next_block(next_pending, next_drafts, device)
+        draft_ids = _draft_columns(block, n_pending, int(n_draft.max()))
+        draft_sources = next_sources
 
     hyps = [Hypothesis(out[r], calls[r], done[r]) for r in range(B)]
-    return GenerateOutput(hyps, batch_calls, from_head)
+    return GenerateOutput(hyps, batch_calls, from_head, from_external)
 
 
 def _draft_columns(block: Tensor, n_pending: Tensor, q: int) -> Tensor:
@@ -169,3 +199,12 @@ def _next_block(pending: list, drafts: list, device) -> tuple[Tensor, Tensor, Te
     n_pending = torch.tensor([len(p) for p in pending])
     n_draft = torch.tensor([len(d) for d in drafts])
     return block.to(device), n_pending.to(device), n_draft.to(device)
+
+
+def _pad(seqs: list, device) -> tuple[Tensor, Tensor]:
+    """Right-padded (B, max len) token tensor and the lengths."""
+    width = max([len(x) for x in seqs] + [0])
+    out = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return out.to(device), torch.tensor([len(x) for x in seqs], device=device)

@@ -1,0 +1,65 @@
+"""External drafts for verification decoding: the encoder's CTC transcript, re-aligned as the decoder corrects it.
+
+The CTC head sees the whole utterance, so its greedy output drafts the entire transcript for free (the encoder runs
+anyway). The decoder then verifies long stretches of it per call. When the decoder rejects a draft token and emits
+its own, the rest of the CTC draft is not thrown away: `DraftAligner` keeps an end-free edit-distance alignment of
+everything emitted so far against the CTC sequence and drafts from where the emitted text ends in it, so a CTC
+substitution, insertion or deletion costs one extra call instead of the rest of the draft.
+"""
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def ctc_greedy(log_probs: torch.Tensor, lens: torch.Tensor, blank: int) -> list:
+    """Best-path CTC decoding: argmax per frame, repeats merged, blanks removed; one token list per row."""
+    best = log_probs.argmax(-1).cpu()
+    out = []
+    for row, n in zip(best, lens.tolist()):
+        seq = torch.unique_consecutive(row[:n])
+        out.append([t for t in seq.tolist() if t != blank])
+    return out
+
+
+def retokenize(texts: Sequence[str], tokenizer) -> list:
+    """Drafts from text (e.g. another recogniser's output, or a CTC model with its own vocabulary)."""
+    return [tokenizer.encode(t) for t in texts]
+
+
+class DraftAligner:
+    """Where the emitted tokens end in a draft sequence, by end-free edit distance, kept up to date per token.
+
+    `cost[i]` is the edit distance between the emitted tokens and draft[:i]; the continuation starts at the largest
+    i with the lowest cost (on a tie between "the draft missed a token" and "the draft has a wrong token", the
+    latter, which continues further along the draft). One numpy pass of O(len(draft)) per emitted token.
+    """
+
+    def __init__(self, draft: Sequence[int]):
+        self.draft = np.asarray(list(draft), dtype=np.int64)
+        self.cost = np.arange(len(self.draft) + 1, dtype=np.int64)
+        self.index = np.arange(len(self.draft) + 1, dtype=np.int64)
+
+    def advance(self, tokens: Sequence[int]) -> None:
+        for tok in tokens:
+            prev = self.cost
+            new = np.empty_like(prev)
+            # Match/substitute from the diagonal, or the emitted token is extra (from above)...
+            new[1:] = np.minimum(prev[:-1] + (self.draft != tok), prev[1:] + 1)
+            new[0] = prev[0] + 1
+            # ...or draft tokens are skipped (from the left): a running minimum of cost - i, plus i.
+            self.cost = np.minimum.accumulate(new - self.index) + self.index
+
+    @property
+    def position(self) -> int:
+        best = self.cost.min()
+        return int(np.flatnonzero(self.cost == best)[-1])
+
+    def continuation(self, limit: int) -> list:
+        start = self.position
+        return self.draft[start: start + limit].tolist()
+
+
+def draft_sequences(drafts: Optional[Sequence[Sequence[int]]], eos: int) -> Optional[list]:
+    """Draft sequences end with EOS, so a complete, correct draft finishes the utterance in the same call."""
+    return None if drafts is None else [list(d) + [eos] for d in drafts]
