@@ -92,3 +92,23 @@ def export_cmd(checkpoint, out_dir, fmt):
     from mtp_asr.train.export import export_checkpoint
 
     export_checkpoint(checkpoint, out_dir, fmt)
+
+
+@main.command("model-info")
+@click.option("--config", "-c", "config_path", type=CONFIG, required=True, help="A train config (its `model`).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
+@click.option("--vocab-size", type=click.IntRange(min=2), help="Vocabulary size, when the config leaves it out.")
+@click.option("--decoder-config", type=CONFIG, help="Take model.decoder from this LM config's `decoder` section.")
+@library_call
+def model_info_cmd(config_path, overrides, vocab_size, decoder_config):
+    """Parameter counts per component, for each MTP head kind (linear, latent, medusa, layer)."""
+    from mtp_asr.config import load_yaml
+    from mtp_asr.model.info import markdown, parameter_table
+
+    model = _config(config_path, overrides).get("model", {})
+    decoder = model.setdefault("decoder", {})
+    if decoder_config:
+        decoder.update(load_yaml(decoder_config).get("decoder", {}))
+    if vocab_size:
+        decoder["vocab_size"] = vocab_size
+    click.echo(markdown(parameter_table(model)))

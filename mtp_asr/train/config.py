@@ -90,7 +90,8 @@ class SpeechTrainConfig(LoopConfig):
 
 @dataclass
 class TextDataConfig:
-    train_text: list = field(default_factory=list)  # text files, one sentence per line (normalised on reading)
+    # Text files (one sentence per line, normalised on reading) or cut manifests (their transcripts).
+    train_text: list = field(default_factory=list)
     valid_text: list = field(default_factory=list)
     tokenizer: str = ""
     max_tokens: int = 4096  # tokens per batch, padding included

@@ -10,7 +10,7 @@ from lhotse import CutSet, load_manifest_lazy
 from mtp_asr.config import to_dict
 from mtp_asr.data.augment import spec_augment
 from mtp_asr.data.dataset import AsrDataset, TextBatches, cut_loader, cut_sampler
-from mtp_asr.data.tokenizer import Tokenizer, text_file_lines
+from mtp_asr.data.tokenizer import Tokenizer, manifest_texts, text_file_lines
 from mtp_asr.model.build import lm_config_dict, tokenizer_tensor
 from mtp_asr.model.lm import MTPLanguageModel
 from mtp_asr.model.speech_llama import SpeechLlama
@@ -95,7 +95,9 @@ def read_sentences(paths: Sequence[str], tokenizer: Tokenizer, what: str) -> lis
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"{what} text file {p} does not exist")
-        out += [ids for ids in tokenizer.encode_batch(list(text_file_lines(p))) if ids]
+        # A cut manifest contributes its transcripts; any other file holds one sentence per line.
+        lines = manifest_texts([p]) if str(p).endswith((".jsonl", ".jsonl.gz")) else text_file_lines(p)
+        out += [ids for ids in tokenizer.encode_batch(list(lines)) if ids]
     if not out:
         raise ValueError(f"the {what} text files {list(paths)} hold no sentences")
     return out

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# LibriSpeech: Speech-LLaMA with K=4 MTP heads and a ~125M-parameter LLaMA decoder (the paper's size), trained with
+# torchrun on the GPUs at hand, decoded on test-clean/test-other with every method. Bring your own corpus
+# (--corpus-dir: the LibriSpeech directory, or its parent). Everything it makes goes under data/ and exp/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+stage=0
+stop_stage=100
+corpus_dir=download/LibriSpeech
+train_parts="train-clean-100 train-clean-360 train-other-500"
+dev_parts="dev-clean dev-other"
+test_parts="test-clean test-other"
+nj=8
+vocab_size=5000
+hf_llm=""          # a Hugging Face LLaMA directory: its weights start the decoder, its tokenizer replaces the BPE
+lm_conf=conf/lm_125m.yaml
+train_conf=conf/train_125m.yaml
+lm_epochs=10
+asr_epochs=30
+avg=5
+ngpu=auto          # processes for torchrun (auto: the number of GPUs, 1 without any)
+thresholds="0.6 0.8 0.9"
+decode_batch_size=32
+device=auto
+train_args=""      # more `--set key=value` overrides for training, e.g. "--set data.max_duration=300"
+
+help_message="Usage: $0 --corpus-dir DIR [options]
+
+Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done markers):
+  0  install the environment (tools/install.sh)
+  1  Lhotse manifests for every LibriSpeech part found (data/manifests)
+  2  80-dim fbank (data/fbank)
+  3  tokenizer: a BPE model (data/lang_bpe_<vocab_size>), or the --hf-llm directory's tokenizer
+  4  pre-train the decoder LM on the training transcripts (exp/lm; skipped with --hf-llm; add LibriSpeech's
+     LM corpus with --train-args "--set data.train_text=[...,librispeech-lm-norm.txt]")
+  5  train Speech-LLaMA (exp/asr; torchrun over --ngpu processes)
+  6  average the last --avg epochs
+  7  decode the test parts: greedy, mtp-threshold (a sweep), mtp-verify, ctc-verify
+  8  results table: exp/summary.json and exp/summary.md
+
+Options (default):
+  --corpus-dir ($corpus_dir)  --train-parts ($train_parts)
+  --dev-parts ($dev_parts)  --test-parts ($test_parts)  --nj ($nj)
+  --vocab-size ($vocab_size)  --hf-llm (none)  --lm-conf ($lm_conf)  --train-conf ($train_conf)
+  --lm-epochs ($lm_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)  --ngpu ($ngpu)
+  --thresholds (\"$thresholds\")  --decode-batch-size ($decode_batch_size)  --device ($device)
+  --train-args (\"\")  extra --set overrides for stages 4 and 5
+"
+
+. tools/parse_options.sh
+. tools/log.sh
+
+venv=tools/venv
+if [ -x "$venv/bin/mtp-asr" ]; then
+  export PATH="$PWD/$venv/bin:$PATH"
+fi
+
+done_marker() { echo "exp/.done/$1"; }
+should_run() {
+  local n=$1 name=$2
+  [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ] || return 1
+  if [ -f "$(done_marker "$name")" ]; then
+    log "stage $n ($name): already done ($(done_marker "$name"))"
+    return 1
+  fi
+  log "stage $n: $name"
+}
+mark_done() { mkdir -p exp/.done; touch "$(done_marker "$1")"; }
+
+existing() {  # the parts of "$@" that stage 1 prepared
+  local p
+  for p in "$@"; do [ -f "data/fbank/cuts_$p.jsonl.gz" ] && echo "$p"; done
+}
+
+# One process, or torchrun over several (one per GPU).
+train() {
+  local n=$ngpu
+  if [ "$n" = auto ]; then
+    n=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+  fi
+  if [ "$n" -gt 1 ]; then
+    torchrun --standalone --nproc_per_node "$n" "$(command -v mtp-asr)" "$@"
+  else
+    mtp-asr "$@"
+  fi
+}
+
+if should_run 0 install; then
+  bash tools/install.sh
+  export PATH="$PWD/$venv/bin:$PATH"
+  mark_done install
+fi
+
+if should_run 1 prepare; then
+  mtp-asr prepare librispeech "$corpus_dir" data/manifests --jobs "$nj"
+  mark_done prepare
+fi
+
+if should_run 2 fbank; then
+  mtp-asr compute-fbank data/manifests data/fbank --jobs "$nj"
+  mark_done fbank
+fi
+
+train_cuts=$(existing $train_parts)
+[ -n "$train_cuts" ] || { log "no training part among: $train_parts (prepared: $(ls data/fbank 2>/dev/null))"; exit 1; }
+dev_cuts=$(existing $dev_parts)
+list_arg() {  # "a b" -> "[data/fbank/cuts_a.jsonl.gz, ...]"
+  local out="" p
+  for p in "$@"; do out="$out${out:+, }data/fbank/cuts_$p.jsonl.gz"; done
+  echo "[$out]"
+}
+
+if [ -n "$hf_llm" ]; then
+  tokenizer=$hf_llm/tokenizer.model
+else
+  tokenizer=data/lang_bpe_$vocab_size/tokenizer.model
+fi
+
+if should_run 3 tokenizer; then
+  if [ -z "$hf_llm" ]; then
+    mtp-asr train-bpe $(for p in $train_cuts; do echo "data/fbank/cuts_$p.jsonl.gz"; done) \
+      "data/lang_bpe_$vocab_size" --vocab-size "$vocab_size" --model-type unigram
+  elif [ ! -f "$tokenizer" ]; then
+    log "--hf-llm $hf_llm has no tokenizer.model (a sentencepiece LLaMA tokenizer is needed)"
+    exit 1
+  fi
+  mark_done tokenizer
+fi
+
+if [ -n "$hf_llm" ]; then
+  init_lm=$hf_llm
+else
+  init_lm=exp/lm/epoch-$lm_epochs.pt
+  if should_run 4 lm; then
+    # shellcheck disable=SC2086  # train_args holds several words on purpose
+    train pretrain-lm -c "$lm_conf" --exp-dir exp/lm --set "data.tokenizer=$tokenizer" --set "num_epochs=$lm_epochs" \
+      --set "data.train_text=$(list_arg $train_cuts)" --set "data.valid_text=$(list_arg $dev_cuts)" $train_args
+    mark_done lm
+  fi
+fi
+
+if should_run 5 asr; then
+  # shellcheck disable=SC2086
+  train train -c "$train_conf" --exp-dir exp/asr --set "data.tokenizer=$tokenizer" --set "num_epochs=$asr_epochs" \
+    --set "init_lm=$init_lm" --set "data.train_cuts=$(list_arg $train_cuts)" \
+    --set "data.valid_cuts=$(list_arg $dev_cuts)" $train_args
+  mark_done asr
+fi
+
+model=exp/asr/avg-epoch-$asr_epochs-avg-$avg.pt
+if should_run 6 average; then
+  mtp-asr average --exp-dir exp/asr --epoch "$asr_epochs" --avg "$avg" --out "$model"
+  mark_done average
+fi
+
+if should_run 7 decode; then
+  cuts=()
+  for p in $(existing $test_parts); do cuts+=(--cuts "data/fbank/cuts_$p.jsonl.gz"); done
+  threshold_args=()
+  for t in $thresholds; do threshold_args+=(--threshold "$t"); done
+  for method in greedy mtp-threshold mtp-verify ctc-verify; do
+    mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" "${threshold_args[@]}" \
+      --batch-size "$decode_batch_size" --device "$device" --out-dir "exp/asr/decode/$method"
+  done
+  mark_done decode
+fi
+
+if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
+  log "stage 8: results table"
+  mtp-asr summarize exp/asr/decode --out exp/summary.json
+fi
