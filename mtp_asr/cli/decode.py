@@ -7,7 +7,8 @@ from mtp_asr.cli import main
 from mtp_asr.cli.common import library_call
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-METHOD_CHOICES = ["greedy", "mtp-threshold", "mtp-verify"]
+METHOD_CHOICES = ["greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"]
+BEAM_METHODS = ("beam", "mtp-beam")
 
 
 def model_options(fn):
@@ -30,13 +31,33 @@ def method_options(fn):
         click.option("--method", type=click.Choice(METHOD_CHOICES), default="greedy", show_default=True,
                      help="greedy: next-token baseline; mtp-threshold: accept head k's token when its probability "
                           ">= --threshold (lossy); mtp-verify: drafts of heads 2..K checked in the next call "
-                          "(same output as greedy)."),
+                          "(same output as greedy); ctc-verify: the encoder's CTC transcript drafts the whole "
+                          "output, verified --max-draft tokens per call (same output as greedy); beam: next-token "
+                          "beam search; mtp-beam: prefix-based beam search over the heads' blocks (--threshold as in "
+                          "mtp-threshold)."),
+        click.option("--max-draft", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="ctc-verify: draft tokens verified per decoder call at most."),
         click.option("--num-heads", "-K", type=click.IntRange(min=1),
                      help="Heads used by MTP methods (default: all of the model's)."),
+        click.option("--beam-size", type=click.IntRange(min=1),
+                     help="Beam width of beam and mtp-beam (default 4)."),
+        click.option("--length-norm", type=click.FloatRange(min=0),
+                     help="Beam methods rank hypotheses by score / length ** this (default 0.5; 1: per-token "
+                          "average; 0: plain sum, which favours early EOS)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def beam_options(method: str, **options) -> dict:
+    """The beam-search options that were given (the library's defaults stand for the others); refused for the
+    other methods, where they would silently do nothing."""
+    given = {name: value for name, value in options.items() if value is not None}
+    if given and method not in BEAM_METHODS:
+        raise click.BadParameter(f"applies to {' and '.join(BEAM_METHODS)} only, not --method {method}",
+                                 param_hint=" / ".join(f"--{name.replace('_', '-')}" for name in given))
+    return given
 
 
 @main.command("decode")
@@ -45,25 +66,31 @@ def method_options(fn):
 @click.option("--cuts", "manifests", type=FILE, multiple=True, required=True,
               help="Cut manifest with features (cuts_<set>.jsonl.gz); repeatable.")
 @click.option("--threshold", "thresholds", type=click.FloatRange(min=0), multiple=True,
-              help="mtp-threshold's tau; repeat for a sweep (default 0.8).")
+              help="tau of mtp-threshold and mtp-beam; repeat for a sweep (default 0.8).")
+@click.option("--nbest", type=click.IntRange(min=1),
+              help="Beam methods: hypotheses per utterance in the N-best file (default: the beam size).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Utterances per batch (sorted by duration).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Result directory (default: EXP_DIR/<method>, or the checkpoint's directory/<method>).")
 @library_call
-def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, manifests, thresholds, batch_size, out_dir):
+def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, beam_size, length_norm, manifests,
+               thresholds, nbest, batch_size, out_dir):
     """Decode cut sets; write icefall-style results per set and setting.
 
     In OUT_DIR: recogs-<set>-<suffix>.txt, errs-<set>-<suffix>.txt (alignment, WER, per-utterance, substitutions,
     deletions, insertions, per-word stats), wer-summary-<set>-<suffix>.txt and summary-<set>-<suffix>.json (WER,
-    decoder calls, tokens per call, encoder/decoder seconds, RTF). A threshold sweep also writes a PNG of WER
-    against decoder calls.
+    decoder calls, tokens per call, encoder/decoder seconds, RTF). Beam methods also write
+    nbest-<set>-<suffix>.jsonl (per utterance the N best hypotheses with total and per-token scores, and the head
+    and position that scored each token). A threshold sweep also writes a PNG of WER against decoder calls.
     """
     from mtp_asr.decode.run import resolve_checkpoint, run_decode
 
+    options = {**beam_options(method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
+               "max_draft": max_draft}
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     out_dir = out_dir or path.parent / method
-    run_decode(path, n_avg, name, manifests, method, thresholds, num_heads, batch_size, out_dir, device)
+    run_decode(path, n_avg, name, manifests, method, thresholds, num_heads, batch_size, out_dir, device, **options)
 
 
 @main.command("benchmark")
@@ -71,17 +98,20 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, manif
 @click.option("--cuts", "manifest", type=FILE, required=True, help="Cut manifest with features.")
 @click.option("--batch-sizes", default="1,16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--threshold", "thresholds", type=click.FloatRange(min=0), multiple=True,
-              help="Thresholds for mtp-threshold rows (default 0.8); repeatable.")
+              help="Thresholds for the mtp-threshold (and mtp-beam) rows (default 0.8); repeatable.")
 @click.option("--max-utts", type=click.IntRange(min=0), default=0, help="Use only the first N cuts (0: all).")
 @click.option("--num-threads", type=click.IntRange(min=1), help="torch CPU threads (fixed for fair timing).")
+@click.option("--beam-size", type=click.IntRange(min=1),
+              help="Also run beam and mtp-beam (at every threshold) with this beam width.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  out_dir):
+                  beam_size, out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
-    at the same batch size, RTF) and writes OUT_DIR/benchmark.json and benchmark.md.
+    at the same batch size, RTF) and writes OUT_DIR/benchmark.json and benchmark.md. With --beam-size, beam and
+    mtp-beam rows follow the greedy-search ones.
     """
     import torch
 
@@ -96,20 +126,26 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
     if not sizes or min(sizes) < 1:
         raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-sizes")
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
-    run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts)
+    run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
+                  beam_size=beam_size)
 
 
 @main.command("transcribe")
 @model_options
 @method_options
-@click.option("--threshold", type=click.FloatRange(min=0), default=0.8, show_default=True, help="mtp-threshold's tau.")
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="tau of mtp-threshold and mtp-beam.")
 @click.argument("files", type=FILE, nargs=-1, required=True)
 @library_call
-def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, threshold, files):
+def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, beam_size, length_norm,
+                   threshold,
+                   files):
     """Print `FILE<TAB>transcript` for each audio file (wav, flac, ogg, mp3; any sample rate; mono or stereo)."""
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
 
+    settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft,
+                              **beam_options(method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
-    for name, text in transcribe_files(path, n_avg, files, DecodeSettings(method, threshold, num_heads), device):
+    for name, text in transcribe_files(path, n_avg, files, settings, device):
         click.echo(f"{name}\t{text}")

@@ -65,6 +65,24 @@ def train_cmd(config_path, exp_dir, overrides, no_resume, ctc_only):
     sys.exit(train_speech(_config(config_path, overrides), exp_dir, resume=not no_resume, ctc_only=ctc_only))
 
 
+@main.command("mwer")
+@with_common
+@click.option("--init", "init_checkpoint", type=CONFIG, required=True,
+              help="The trained model to fine-tune (its architecture and tokenizer are used).")
+@library_call
+def mwer_cmd(config_path, exp_dir, overrides, no_resume, init_checkpoint):
+    """Minimum-WER fine-tuning on N-best lists from the prefix-based MTP beam search, made on the fly.
+
+    Config: the `data`, `optim` and loop sections of `train`, plus nbest, beam_size, threshold (mtp-beam's tau),
+    num_heads, ce_weight (lambda, the weight of the cross-entropy kept beside the MWER loss) and mwer_source
+    (nbest | lattice). TensorBoard: MWER loss, expected WER, mean N-best WER, oracle WER, the search's tokens per
+    call. Checkpoints and resume as in `train`.
+    """
+    from mtp_asr.train.run import train_mwer
+
+    sys.exit(train_mwer(_config(config_path, overrides), exp_dir, init_checkpoint, resume=not no_resume))
+
+
 @main.command("average")
 @click.option("--exp-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--epoch", type=click.IntRange(min=1), required=True, help="Last epoch to average.")

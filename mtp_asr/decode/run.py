@@ -47,15 +47,17 @@ def resolve_checkpoint(checkpoint: Optional[Path], exp_dir: Optional[Path], epoc
     return Path(exp_dir) / f"epoch-{epoch}.pt", avg, f"epoch-{epoch}-avg-{avg}"
 
 
-def settings_list(method: str, thresholds: Sequence[float], num_heads: Optional[int]) -> list:
-    if method == "mtp-threshold":
-        return [DecodeSettings(method, t, num_heads) for t in (thresholds or [0.8])]
-    return [DecodeSettings(method, 1.0, num_heads)]
+def settings_list(method: str, thresholds: Sequence[float], num_heads: Optional[int], **options) -> list:
+    """One DecodeSettings per threshold for the methods that take one (default 0.8), else one. options: other fields
+    of DecodeSettings (beam_size, nbest, length_norm, max_draft) that differ from their defaults."""
+    if method in ("mtp-threshold", "mtp-beam"):
+        return [DecodeSettings(method, t, num_heads, **options) for t in (thresholds or [0.8])]
+    return [DecodeSettings(method, 1.0, num_heads, **options)]
 
 
 def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[Path], method: str,
                thresholds: Sequence[float], num_heads: Optional[int], batch_size: int, out_dir: Path,
-               device: str = "auto") -> list:
+               device: str = "auto", **options) -> list:
     dev = pick_device(device)
     model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
     out_dir = Path(out_dir)
@@ -64,41 +66,60 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
         cuts = load_manifest(manifest)
         test_set = set_name(manifest)
         sweep = []
-        for settings in settings_list(method, thresholds, num_heads):
+        for settings in settings_list(method, thresholds, num_heads, **options):
             result = decode_cuts(model, tokenizer, cuts, settings, batch_size, desc=test_set)
             suffix = f"{ckpt_name}-{settings.label()}-bs{batch_size}"
             summary = write_results(out_dir, test_set, suffix, result, {"batch_size": batch_size,
+                                                                        "checkpoint": ckpt_name,
                                                                         "device": device_name(dev)})
             logger.info("%s %s: WER %.2f%%, %d decoder calls, %.2f tokens/call, RTF %.4f", test_set, suffix,
                         summary["wer"], summary["num_decoder_calls"], summary["tokens_per_call"], summary["rtf"])
             sweep.append(summary)
         if len(sweep) > 1:
-            greedy = decode_cuts(model, tokenizer, cuts, DecodeSettings("greedy"), batch_size, desc=test_set)
-            ref = {"method": "greedy", "threshold": None, "num_decoder_calls": greedy.num_decoder_calls,
-                   "wer": round(compute_error_stats(greedy.results).wer, 4)}
-            write_sweep_plot(out_dir / f"tradeoff-{test_set}-{ckpt_name}-{method}-bs{batch_size}.png", sweep + [ref],
+            # References: greedy, and for mtp-beam the next-token beam search of the same width.
+            refs = [DecodeSettings("greedy")]
+            if method == "mtp-beam":
+                beam = {k: v for k, v in options.items() if k in ("beam_size", "nbest", "length_norm")}
+                refs.append(DecodeSettings("beam", **beam))
+            points = []
+            for ref_settings in refs:
+                ref = decode_cuts(model, tokenizer, cuts, ref_settings, batch_size, desc=test_set)
+                points.append({"method": ref_settings.method, "threshold": None,
+                               "num_decoder_calls": ref.num_decoder_calls,
+                               "wer": round(compute_error_stats(ref.results).wer, 4)})
+            name = method + (f"-B{settings.beam_size}" if method == "mtp-beam" else "")
+            write_sweep_plot(out_dir / f"tradeoff-{test_set}-{ckpt_name}-{name}-bs{batch_size}.png", sweep + points,
                              f"{test_set}: WER vs decoder calls ({ckpt_name})")
         summaries += sweep
     return summaries
 
 
 def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Sequence[int], thresholds: Sequence[float],
-                  out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0) -> list:
+                  out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0,
+                  beam_size: Optional[int] = None) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
-    greedy run. Writes benchmark.json and benchmark.md; returns the rows."""
+    greedy run; `beam` and `mtp-beam` (at every threshold) too when a beam size is given. Writes benchmark.json and
+    benchmark.md; returns the rows."""
     dev = pick_device(device)
     model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
     cuts = load_manifest(manifest)
     if max_utts:
         cuts = cuts.subset(first=max_utts)
     warm = cuts.subset(first=min(warmup_utts, len(cuts)))
-    for method in ("greedy", "mtp-verify"):  # warm-up: allocator, kernels, caches
-        decode_cuts(model, tokenizer, warm, DecodeSettings(method), max(batch_sizes), desc="warm-up")
+    methods = [DecodeSettings("greedy")] + [DecodeSettings("mtp-threshold", t) for t in thresholds] + [
+        DecodeSettings("mtp-verify")]
+    if model.encoder.ctc_head is not None:
+        methods.append(DecodeSettings("ctc-verify"))
+    if beam_size:
+        methods += [DecodeSettings("beam", beam_size=beam_size)] + [
+            DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds]
+    warm_up = [DecodeSettings("greedy"), DecodeSettings("mtp-verify")] + (methods[-1:] if beam_size else [])
+    for settings in warm_up:  # allocator, kernels, caches (and the larger row counts of a beam)
+        decode_cuts(model, tokenizer, warm, settings, max(batch_sizes), desc="warm-up")
     rows = []
     for bs in batch_sizes:
         base = None
-        for settings in [DecodeSettings("greedy")] + [DecodeSettings("mtp-threshold", t) for t in thresholds] + [
-                DecodeSettings("mtp-verify")]:
+        for settings in methods:
             res = decode_cuts(model, tokenizer, cuts, settings, bs, desc=f"benchmark bs={bs}")
             s = res.summary()
             row = {"batch_size": bs, "method": settings.label(), "wer": round(compute_error_stats(res.results).wer, 3),

@@ -6,40 +6,70 @@ around each; RTF = (encoder + decoder seconds) / audio seconds.
 """
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 from mtp_asr.data.dataset import AsrDataset
+from mtp_asr.decode.beam import BEAM_METHODS, beam_search
+from mtp_asr.decode.drafts import ctc_greedy
 from mtp_asr.decode.generate import METHODS, generate
 from mtp_asr.model.speech_llama import SpeechLlama
 from mtp_asr.utils import Progress
 
 logger = logging.getLogger("mtp_asr")
 
+DECODE_METHODS = METHODS + BEAM_METHODS
+
 
 @dataclass
 class DecodeSettings:
     method: str = "greedy"
-    threshold: float = 1.0  # mtp-threshold's tau
+    threshold: float = 1.0  # tau of mtp-threshold and mtp-beam
     num_heads: Optional[int] = None  # heads used by MTP methods; None: all of the model's
     max_tokens_per_second: float = 15.0  # length limit: 10 + this x audio seconds (EOS excluded)
+    beam_size: int = 4  # beam and mtp-beam
+    nbest: Optional[int] = None  # hypotheses kept per utterance by beam methods; None: beam_size
+    length_norm: float = 0.5  # beam methods rank by score / length ** length_norm
+    max_draft: int = 32  # ctc-verify: draft tokens verified per decoder call at most
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.method not in DECODE_METHODS:
+            raise ValueError(f"--method must be one of {', '.join(DECODE_METHODS)} (got {self.method!r})")
         if self.threshold < 0:
             raise ValueError(f"--threshold must be >= 0 (got {self.threshold})")
         if self.num_heads is not None and self.num_heads < 1:
             raise ValueError(f"--num-heads must be >= 1 (got {self.num_heads})")
+        if self.beam_size < 1:
+            raise ValueError(f"--beam-size must be >= 1 (got {self.beam_size})")
+        if self.nbest is not None and not 1 <= self.nbest <= self.beam_size:
+            raise ValueError(f"--nbest must be in 1..--beam-size ({self.beam_size}) (got {self.nbest})")
+        if self.length_norm < 0:
+            raise ValueError(f"--length-norm must be >= 0 (got {self.length_norm})")
+        if self.max_draft < 1:
+            raise ValueError(f"--max-draft must be >= 1 (got {self.max_draft})")
+
+    @property
+    def is_beam(self) -> bool:
+        return self.method in BEAM_METHODS
+
+    @property
+    def uses_threshold(self) -> bool:
+        return self.method in ("mtp-threshold", "mtp-beam")
 
     def label(self) -> str:
         text = self.method
-        if self.method != "greedy" and self.num_heads:
+        if self.method not in ("greedy", "beam") and self.num_heads:
             text += f"-K{self.num_heads}"
-        if self.method == "mtp-threshold":
+        if self.uses_threshold:
             text += f"-tau{self.threshold:g}"
+        if self.method == "ctc-verify":
+            text += f"-D{self.max_draft}"
+        if self.is_beam:
+            text += f"-B{self.beam_size}"
+            if self.length_norm != DecodeSettings.length_norm:
+                text += f"-lnorm{self.length_norm:g}"
         return text
 
 
@@ -49,6 +79,7 @@ class DecodeResult:
     results: list = field(default_factory=list)  # (cut_id, reference, hypothesis)
     tokens: dict = field(default_factory=dict)  # cut_id -> token ids
     calls: dict = field(default_factory=dict)  # cut_id -> decoder calls
+    nbest: dict = field(default_factory=dict)  # cut_id -> N-best list of dicts (beam methods only)
     num_tokens: int = 0
     num_decoder_calls: int = 0  # summed over utterances (batch-independent)
     num_batch_calls: int = 0  # forward passes actually run
@@ -57,13 +88,16 @@ class DecodeResult:
     decoder_seconds: float = 0.0
     num_skipped: int = 0
     accepted_per_head: list = field(default_factory=list)
+    accepted_from_ctc: int = 0  # ctc-verify: emitted tokens that were CTC draft tokens
 
     def summary(self) -> dict:
         secs = self.encoder_seconds + self.decoder_seconds
         return {
             "method": self.settings.method,
-            "threshold": self.settings.threshold if self.settings.method == "mtp-threshold" else None,
+            "threshold": self.settings.threshold if self.settings.uses_threshold else None,
             "num_heads": self.settings.num_heads,
+            "beam_size": self.settings.beam_size if self.settings.is_beam else None,
+            "length_norm": self.settings.length_norm if self.settings.is_beam else None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,
             "audio_seconds": round(self.audio_seconds, 3),
@@ -72,6 +106,7 @@ class DecodeResult:
             "num_batch_calls": self.num_batch_calls,
             "tokens_per_call": round(self.num_tokens / max(self.num_decoder_calls, 1), 4),
             "accepted_per_head": self.accepted_per_head,
+            "accepted_from_ctc": self.accepted_from_ctc if self.settings.method == "ctc-verify" else None,
             "encoder_seconds": round(self.encoder_seconds, 4),
             "decoder_seconds": round(self.decoder_seconds, 4),
             "rtf": round(secs / max(self.audio_seconds, 1e-9), 5),
@@ -92,19 +127,30 @@ def batches_by_size(cuts, batch_size: int) -> list:
 @torch.inference_mode()
 def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tensor, durations: Sequence[float],
                  settings: DecodeSettings):
-    """(GenerateOutput, encoder seconds, decoder seconds) for one padded batch of features."""
+    """(GenerateOutput or BeamOutput, encoder seconds, decoder seconds) for one padded batch of features."""
     device = next(model.parameters()).device
     feats, feat_lens = feats.to(device), feat_lens.to(device)
     _sync(device)
     t0 = time.perf_counter()
     enc = model.encode(feats, feat_lens)
     prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
+    drafts = None
+    if settings.method == "ctc-verify":
+        # The CTC transcript is a by-product of the encoder pass, so it is timed with the encoder.
+        if model.encoder.ctc_head is None:
+            raise ValueError("ctc-verify needs a model with a CTC head (model.encoder.ctc: true)")
+        drafts = ctc_greedy(model.encoder.ctc_log_probs(enc.frames), enc.frame_lens, model.encoder.blank_id)
     _sync(device)
     t1 = time.perf_counter()
     room = [model.max_new_tokens(int(n)) for n in feat_lens.tolist()]
     limits = torch.tensor([min(int(10 + settings.max_tokens_per_second * d), r) for d, r in zip(durations, room)],
                           device=device)
-    out = generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold, limits)
+    if settings.is_beam:
+        out = beam_search(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
+                          limits, settings.beam_size, settings.nbest, settings.length_norm)
+    else:
+        out = generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
+                       limits, drafts=drafts, max_draft=settings.max_draft)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
 
@@ -138,12 +184,15 @@ def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, b
         res.audio_seconds += sum(batch["durations"])
         head_counts = out.accepted_per_head if head_counts is None else [
             a + b for a, b in zip(head_counts, out.accepted_per_head)]
-        for cut_id, ref, hyp in zip(batch["cut_ids"], batch["texts"], out.hyps):
+        res.accepted_from_ctc += getattr(out, "accepted_external", 0)
+        for i, (cut_id, ref, hyp) in enumerate(zip(batch["cut_ids"], batch["texts"], out.hyps)):
             res.results.append((cut_id, ref, tokenizer.decode(hyp.tokens)))
             res.tokens[cut_id] = hyp.tokens
             res.calls[cut_id] = hyp.decoder_calls
             res.num_tokens += len(hyp.tokens)
             res.num_decoder_calls += hyp.decoder_calls
+            if settings.is_beam:
+                res.nbest[cut_id] = [{"text": tokenizer.decode(h.tokens), **asdict(h)} for h in out.nbest[i]]
         bar.update(len(group))
     bar.close(f"{res.num_tokens / max(res.num_decoder_calls, 1):.2f} tokens/call")
     res.accepted_per_head = head_counts or []

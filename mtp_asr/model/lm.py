@@ -5,7 +5,7 @@ Sequences are a prefix of embeddings (`[BOS]` for text, `[BOS] audio [SEP]` for 
 `y_1 .. y_U`; the last prefix position predicts y_1 with head 1, y_2 with head 2, ... In general head k at the
 position whose head-1 target is t_j predicts t_{j+k-1}, where t = y_1 .. y_U EOS; targets past EOS are ignored.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -28,6 +28,8 @@ class LossOutput:
     head_count: Tensor  # (K,) labelled positions per head
     num_utts: int
     ctc_loss_sum: Optional[Tensor] = None  # summed over utterances, when a CTC loss was computed
+    nbest_scores: Optional[list] = None  # per utterance, (N,) log-scores of given hypotheses (MWER), with gradient
+    metrics: dict = field(default_factory=dict)  # more figures to log: name -> (numerator, denominator) sums
 
 
 def mtp_labels(labels: Tensor, num_heads: int) -> list:
@@ -101,6 +103,34 @@ class MTPLanguageModel(nn.Module):
             correct[k] = (logits.argmax(-1) == lab[sel]).sum()
             count[k] = n
         return LossOutput(loss, loss_sum, correct, count, x.shape[0])
+
+    def score_sequences(self, prefix: Tensor, prefix_lens: Tensor, tokens: Sequence[Sequence[int]],
+                        heads: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> list:
+        """Log-probabilities, with gradient, of given token sequences under a given MTP factorisation: scored token i
+        of row r is `tokens[r][i]` (or EOS past the transcript) predicted by head `heads[r][i]` (1..K) from the state
+        after the first `positions[r][i]` transcript tokens. Returns one (n_scored,) tensor per row, the way a beam
+        search scored its hypotheses (see mtp_asr.decode.beam), so that MWER can train that very score."""
+        x, _ = self.append_tokens(prefix, prefix_lens, tokens)
+        states = self.heads.states(self.decoder, self.decoder(x))
+        rows, cols, head_idx, targets = [], [], [], []
+        for r, (toks, hs, js) in enumerate(zip(tokens, heads, positions)):
+            for i, (h, j) in enumerate(zip(hs, js)):
+                rows.append(r)
+                cols.append(int(prefix_lens[r]) - 1 + j)
+                head_idx.append(h - 1)
+                targets.append(toks[i] if i < len(toks) else self.eos_id)
+        device = x.device
+        rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+        head_t, target_t = torch.tensor(head_idx, device=device), torch.tensor(targets, device=device)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32 for the log-softmax
+        logp = torch.empty(len(rows), device=device, dtype=dtype)
+        for k in range(self.num_heads):
+            sel = (head_t == k).nonzero(as_tuple=True)[0]
+            if sel.numel():
+                logits = self.heads.logits(self.decoder, k, states[k][rows_t[sel], cols_t[sel]]).to(dtype)
+                logp = logp.index_put((sel,), logits.log_softmax(-1).gather(-1, target_t[sel, None])[:, 0])
+        counts = [len(hs) for hs in heads]
+        return list(logp.split(counts))
 
     def forward(self, tokens: Sequence[Sequence[int]], head_weights: Optional[Sequence[float]] = None
                 ) -> LossOutput:

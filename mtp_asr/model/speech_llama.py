@@ -75,8 +75,10 @@ class SpeechLlama(nn.Module):
 
     def forward(self, feats: Tensor, feat_lens: Tensor, tokens: Sequence[Sequence[int]],
                 head_weights: Optional[Sequence[float]] = None, ctc_weight: float = 0.0,
-                ctc_only: bool = False) -> LossOutput:
-        """Training loss. `ctc_only` trains the encoder alone with CTC (encoder pre-training; decoder untouched)."""
+                ctc_only: bool = False, nbest: Optional[Sequence[Sequence]] = None) -> LossOutput:
+        """Training loss. `ctc_only` trains the encoder alone with CTC (encoder pre-training; decoder untouched).
+        `nbest` (per utterance, hypotheses with tokens/heads/positions as a beam search records them) adds their
+        log-scores, with gradient, under the factorisation the search used (MWER training)."""
         if ctc_only:
             if self.encoder.ctc_head is None:
                 raise ValueError("CTC-only training needs a model with encoder.ctc: true")
@@ -94,6 +96,14 @@ class SpeechLlama(nn.Module):
             ctc = self.ctc_loss(enc.frames, enc.frame_lens, tokens)
             out.loss = out.loss + ctc_weight * ctc / _num_tokens(tokens)  # per token, like the CE
             out.ctc_loss_sum = ctc.detach()
+        if nbest is not None:
+            owner = [b for b, hyps in enumerate(nbest) for _ in hyps]
+            flat = [h for hyps in nbest for h in hyps]
+            idx = torch.tensor(owner, device=prefix.device)
+            per_token = self.lm.score_sequences(prefix[idx], prefix_lens[idx], [h.tokens for h in flat],
+                                                [h.heads for h in flat], [h.positions for h in flat])
+            totals = torch.stack([t.sum() for t in per_token])
+            out.nbest_scores = list(totals.split([len(hyps) for hyps in nbest]))
         return out
 
     def ctc_loss(self, frames: Tensor, frame_lens: Tensor, tokens: Sequence[Sequence[int]]) -> Tensor:

@@ -100,3 +100,23 @@ def _logging(exp_dir: Path, name: str) -> None:
 def _save_config(exp_dir: Path, cfg: dict) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(exp_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+
+def train_mwer(config: dict, exp_dir, init_checkpoint, resume: bool = True) -> int:
+    """MWER fine-tuning of a trained model: its architecture and tokenizer come from `init_checkpoint`."""
+    from mtp_asr.model.build import load_speech_model
+    from mtp_asr.train.mwer import MWERConfig, MWERTask
+
+    exp_dir = Path(exp_dir)
+    _logging(exp_dir, "mwer")
+    model, tokenizer, ckpt = load_speech_model(init_checkpoint)
+    data = dict(config)
+    if data.get("model") and data["model"] != ckpt["model_config"]:
+        raise ConfigError(f"mwer: the model comes from {init_checkpoint}; remove the `model` section from the config")
+    data["model"] = ckpt["model_config"]
+    data.setdefault("data", {})["tokenizer"] = ""
+    cfg = from_dict(MWERConfig, data, "mwer config")
+    torch.manual_seed(cfg.seed)
+    model.train()
+    _save_config(exp_dir, to_dict(cfg))
+    return Trainer(MWERTask(model, cfg, tokenizer), cfg, exp_dir, to_dict(cfg), resume=resume).run()

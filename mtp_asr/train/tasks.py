@@ -73,11 +73,14 @@ class SpeechTask(Task):
     def is_empty(self, batch) -> bool:
         return not batch["cut_ids"]
 
+    def augment(self, feats, lens):
+        return spec_augment(feats, lens, self.cfg.spec_augment)
+
     def loss(self, model, batch):
         device = next(self.model.parameters()).device
         feats, lens = batch["feats"].to(device), batch["feat_lens"].to(device)
         if model.training:
-            feats = spec_augment(feats, lens, self.cfg.spec_augment)
+            feats = self.augment(feats, lens)
         return model(feats, lens, batch["tokens"], ctc_weight=self.cfg.ctc_weight, ctc_only=self.ctc_only)
 
     def batch_weight(self, batch) -> float:

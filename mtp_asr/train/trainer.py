@@ -396,6 +396,7 @@ class _Stats:
         self.unit = unit
         self.loss_sum = self.correct = self.count = None
         self.ctc_sum, self.utts, self.weight, self.grad_norm = 0.0, 0, 0.0, 0.0
+        self.metrics = {}  # name -> [numerator, denominator]
         self.start = time.monotonic()
 
     def add(self, out, weight: float) -> None:
@@ -410,6 +411,10 @@ class _Stats:
             self.ctc_sum += float(out.ctc_loss_sum)
         self.utts += out.num_utts
         self.weight += weight
+        for name, (num, den) in out.metrics.items():
+            acc = self.metrics.setdefault(name, [0.0, 0.0])
+            acc[0] += num
+            acc[1] += den
 
     def rate(self) -> float:
         return self.weight / max(time.monotonic() - self.start, 1e-9)
@@ -427,7 +432,12 @@ class _Stats:
                 f"acc/head {' '.join(f'{x:.3f}' for x in self.head_accs())}")
         if self.ctc_sum:
             text += f", ctc {self.ctc_sum / max(self.utts, 1):.2f}/utt"
+        for name, value in self.metric_values().items():
+            text += f", {name.replace('_', ' ')} {value:.3f}"
         return text + f", {self.rate():.1f} {self.unit}/s"
+
+    def metric_values(self) -> dict:
+        return {name: num / den for name, (num, den) in self.metrics.items() if den}
 
     def write(self, tb, prefix: str, step: int) -> None:
         if tb is None or self.loss_sum is None:
@@ -438,3 +448,5 @@ class _Stats:
         tb.add_scalar(f"{prefix}/loss", self.head_losses()[0], step)
         if self.ctc_sum:
             tb.add_scalar(f"{prefix}/ctc_loss", self.ctc_sum / max(self.utts, 1), step)
+        for name, value in self.metric_values().items():
+            tb.add_scalar(f"{prefix}/{name}", value, step)

@@ -32,7 +32,7 @@ Stages (--stage N --stop-stage M run a range; finished stages are skipped throug
   5  pre-train the encoder with CTC (exp/ctc; skipped when --ctc-epochs 0)
   6  train Speech-LLaMA with K=4 MTP heads (exp/asr)
   7  average the last --avg epochs
-  8  decode every test set: greedy, mtp-threshold (a sweep), mtp-verify
+  8  decode every test set: greedy, mtp-threshold (a sweep), mtp-verify, ctc-verify
   9  results table: exp/summary.json and exp/summary.md
 
 Options (default):
@@ -133,7 +133,7 @@ if should_run 8 decode; then
   for t in $test_sets; do cuts+=(--cuts "data/fbank/cuts_$t.jsonl.gz"); done
   threshold_args=()
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
-  for method in greedy mtp-threshold mtp-verify; do
+  for method in greedy mtp-threshold mtp-verify ctc-verify; do
     mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" "${threshold_args[@]}" \
       --batch-size "$decode_batch_size" --device "$device" --out-dir "exp/asr/decode/$method"
   done

@@ -1,0 +1,113 @@
+"""Minimum word error rate (MWER) fine-tuning with N-best lists from the prefix-based MTP beam search.
+
+Per batch: `mtp-beam` gives N hypotheses per utterance without gradient (the model in eval mode, as it will decode);
+the same forward pass that computes the cross-entropy on the references then re-scores those hypotheses, with
+gradient, under the factorisation the search used (each token's log-probability under the head that proposed it, from
+the state it was proposed from); the posteriors P_n are the scores renormalised over the N-best, and
+
+    loss = sum_n P_n (E_n - mean(E)) + lambda * CE,
+
+with E_n the word errors of hypothesis n against the reference (kaldialign). Subtracting the mean leaves the
+expected-risk gradient unchanged and lowers its variance (Prabhavalkar et al. 2018). Because `mtp-beam` emits several
+tokens per decoder call, the N-best lists cost a fraction of an ordinary beam search's calls, which is what makes
+on-the-fly MWER affordable.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import kaldialign
+import torch
+
+from mtp_asr.config import ConfigError
+from mtp_asr.decode.beam import beam_search
+from mtp_asr.model.lm import LossOutput
+from mtp_asr.text import normalize_text
+from mtp_asr.train.config import SpeechTrainConfig
+from mtp_asr.train.tasks import SpeechTask
+
+logger = logging.getLogger("mtp_asr")
+
+
+@dataclass
+class MWERConfig(SpeechTrainConfig):
+    nbest: int = 4  # hypotheses per utterance
+    beam_size: int = 4
+    threshold: float = 0.9  # mtp-beam's tau
+    num_heads: Optional[int] = None  # heads the search uses (default: all)
+    length_norm: float = 0.5  # as in decoding
+    ce_weight: float = 0.1  # lambda: the cross-entropy on the references keeps the model anchored
+    mwer_source: str = "nbest"  # nbest: the search's N-best; lattice: paths sampled from its lattice
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.nbest <= self.beam_size:
+            raise ConfigError(f"nbest must be in 1..beam_size (got nbest {self.nbest}, beam_size {self.beam_size})")
+        if self.threshold < 0 or self.ce_weight < 0:
+            raise ConfigError("threshold and ce_weight must be >= 0")
+        if self.mwer_source not in ("nbest", "lattice"):
+            raise ConfigError(f"mwer_source must be nbest or lattice (got {self.mwer_source!r})")
+
+
+def word_errors(ref: str, hyp: str) -> int:
+    ref_w, hyp_w = normalize_text(ref).split(), normalize_text(hyp).split()
+    return kaldialign.edit_distance(ref_w, hyp_w)["total"]
+
+
+def mwer_loss(scores: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
+    """sum_n softmax(scores)_n * (errors_n - mean(errors)) for one utterance's N-best."""
+    posteriors = torch.softmax(scores, dim=0)
+    return (posteriors * (errors - errors.mean())).sum()
+
+
+class MWERTask(SpeechTask):
+    """SpeechTask whose loss is MWER on on-the-fly N-best lists plus lambda x the usual cross-entropy."""
+
+    def __init__(self, model, cfg: MWERConfig, tokenizer):
+        super().__init__(model, cfg, tokenizer)
+
+    def search(self, feats, lens) -> tuple[list, list]:
+        """N-best per utterance and decoder calls per utterance, with the model as it decodes (eval, no grad)."""
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                enc = self.model.encode(feats, lens)
+                prefix, prefix_lens = self.model.prompt(enc.audio, enc.audio_lens)
+                limits = [min(self.model.max_new_tokens(int(n)), 10 + int(15 * n / 100)) for n in lens.tolist()]
+                out = beam_search(self.model.lm, prefix, prefix_lens, "mtp-beam", self.cfg.num_heads,
+                                  self.cfg.threshold, torch.tensor(limits), self.cfg.beam_size, self.cfg.nbest,
+                                  self.cfg.length_norm)
+        finally:
+            for m, training in modes.items():
+                m.train(training)
+        if self.cfg.mwer_source == "lattice":
+            raise NotImplementedError("mwer_source=lattice")
+        return out.nbest, [h.decoder_calls for h in out.hyps]
+
+    def loss(self, model, batch):
+        device = next(self.model.parameters()).device
+        feats, lens = batch["feats"].to(device), batch["feat_lens"].to(device)
+        if model.training:
+            feats = self.augment(feats, lens)
+        nbest, calls = self.search(feats, lens)
+        out = model(feats, lens, batch["tokens"], ctc_weight=self.cfg.ctc_weight, nbest=nbest)
+        texts = [[self.tokenizer.decode(h.tokens) for h in hyps] for hyps in nbest]
+        mwer_total = out.loss.new_zeros(())
+        expected = mean_errs = oracle = ref_words = tokens = 0.0
+        for ref, hyp_texts, scores in zip(batch["texts"], texts, out.nbest_scores):
+            errors = torch.tensor([float(word_errors(ref, h)) for h in hyp_texts], device=scores.device)
+            mwer_total = mwer_total + mwer_loss(scores.float(), errors)
+            post = torch.softmax(scores.detach().float(), 0)
+            expected += float((post * errors).sum())
+            mean_errs += float(errors.mean())
+            oracle += float(errors.min())
+            ref_words += len(normalize_text(ref).split())
+        tokens = sum(len(hyps[0].tokens) for hyps in nbest)
+        n = len(nbest)
+        ce = out.loss
+        out.loss = mwer_total / n + self.cfg.ce_weight * ce
+        out.metrics = {"mwer_loss": (float(mwer_total.detach()), n), "expected_wer": (100 * expected, ref_words),
+                       "nbest_mean_wer": (100 * mean_errs, ref_words), "oracle_wer": (100 * oracle, ref_words),
+                       "search_tokens_per_call": (tokens, sum(calls)), "ce_loss": (float(ce.detach()) * n, n)}
+        return out
