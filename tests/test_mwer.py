@@ -72,3 +72,31 @@ def test_mwer_steps_lower_the_expected_wer(tmp_path):
     assert len(expected) == 6
     assert min(expected[-2:]) < expected[0], expected
     assert load_checkpoint(tmp_path / "mwer" / "epoch-6.pt")["kind"] == "speech_llama"
+
+    # The lattice source: paths sampled from everything the search explored.
+    lattice_cfg = {**mwer_cfg, "num_epochs": 1, "mwer_source": "lattice", "lattice_backend": "builtin"}
+    assert train_mwer(lattice_cfg, tmp_path / "mwer-lattice", tmp_path / "ce" / "epoch-3.pt") == 0
+    assert "expected wer" in (tmp_path / "mwer-lattice" / "log" / "log-mwer-rank0.txt").read_text()
+
+
+def test_lattice_paths_are_rescored_like_the_search_scored_them():
+    """mwer_source=lattice: paths sampled from the search's lattice carry heads/positions that re-score to their
+    lattice scores, and the search's N-best hypotheses are complete paths of that lattice."""
+    from mtp_asr.decode.lattice import mwer_paths
+
+    lm = tiny_lm(kind="latent", num_heads=3, vocab=16)
+    prefix, lens = random_prompts(lm, 4, 6, torch.Generator().manual_seed(4))
+    out = beam_search(lm, prefix, lens, "mtp-beam", threshold=0.3, max_new_tokens=10, beam_size=3, lattice=True)
+    for lattice, nbest in zip(out.lattices, out.nbest):
+        complete = {(p.tokens, p.heads): p.score for p in lattice.complete_paths()}
+        for h in nbest:
+            if h.finished:
+                assert complete[(tuple(h.tokens), tuple(h.heads))] == pytest.approx(h.score, rel=1e-5)
+    paths = mwer_paths(out.lattices, "lattice", num_paths=6, scale=0.5, seed=1)
+    owner = torch.tensor([i for i, ps in enumerate(paths) for _ in ps])
+    flat = [p for ps in paths for p in ps]
+    assert flat and all(len(set((p.tokens, p.heads) for p in ps)) == len(ps) for ps in paths)
+    rescored = lm.score_sequences(prefix[owner], lens[owner], [p.tokens for p in flat], [p.heads for p in flat],
+                                  [p.positions for p in flat])
+    for p, r in zip(flat, rescored):
+        assert float(r.sum()) == pytest.approx(p.score, rel=1e-5)

@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from mtp_asr.decode.generate import Hypothesis
+from mtp_asr.decode.lattice import LatticeBuilder
 from mtp_asr.model.lm import MTPLanguageModel
 
 BEAM_METHODS = ("beam", "mtp-beam")
@@ -87,6 +88,7 @@ class BeamOutput:
     hyps: list  # per row: the best, as a generate.Hypothesis (tokens, decoder calls, finished)
     batch_calls: int  # decoder forward passes run for the whole batch
     accepted_per_head: list = field(default_factory=list)  # tokens of the best hypotheses that came from head k
+    lattices: Optional[list] = None  # per row, with lattice=True: every candidate the search made (a Lattice)
 
 
 @dataclass
@@ -103,17 +105,19 @@ class _Partial:
     finished: bool = False
     pending: tuple = ()
     row: int = -1
+    node: int = 0  # its state in the utterance's lattice builder (when recording)
 
 
 @torch.inference_mode()
 def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: str = "beam",
                 num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200, beam_size: int = 4,
-                nbest: Optional[int] = None, length_norm: float = 0.5) -> BeamOutput:
+                nbest: Optional[int] = None, length_norm: float = 0.5, lattice: bool = False) -> BeamOutput:
     """Beam-search every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
 
     method: `beam` (head 1 only) or `mtp-beam` (num_heads heads, default all of the model's; tau = threshold).
     max_new_tokens: an int or a (B,) tensor of per-row limits (>= 1), EOS excluded. nbest: hypotheses returned per
     row (default: beam_size). length_norm: the exponent of the length in the ranking score (0: plain sum).
+    lattice: also return, per row, the lattice of every candidate the search made (mtp_asr.decode.lattice).
     """
     if method not in BEAM_METHODS:
         raise ValueError(f"unknown beam search method {method!r}; choose from {', '.join(BEAM_METHODS)}")
@@ -141,6 +145,7 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
     live = [_Partial((), (), (), (), 0.0, 0.0, row=r) for r in range(n_utts)]
     kept = [[] for _ in range(n_utts)]  # per utterance: the ended hypotheses among its B best
     calls = [0] * n_utts
+    builders = [LatticeBuilder() for _ in range(n_utts)] if lattice else None
     batch_calls = 0
     block, n_pending = prefix, prefix_lens.to(device)  # the prefill feeds the prompts
     while live:
@@ -168,7 +173,12 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
             tail = list(zip(extra[i][: run[i]], extra_lp[i][: run[i]])) if K > 1 else []
             out = candidates.setdefault(u, [])
             for tok, lp in zip(top_tok[i], top_lp[i]):
-                out.append(_extend(hyp, i, [(tok, lp)] + tail, eos, limits[u], length_norm))
+                cand = _extend(hyp, i, [(tok, lp)] + tail, eos, limits[u], length_norm)
+                if builders:
+                    n = len(hyp.scores)
+                    cand.node = builders[u].extend(hyp.node, cand.tokens[len(hyp.tokens):], cand.scores[n:],
+                                                   cand.heads[n:], cand.finished, cand.positions[n:])
+                out.append(cand)
         next_live, next_utt = [], []
         for u, cands in candidates.items():
             calls[u] += 1
@@ -189,7 +199,8 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
     for hs in nbest_lists:
         for head in hs[0].heads[: len(hs[0].tokens)]:
             from_head[head - 1] += 1
-    return BeamOutput(nbest_lists, hyps, batch_calls, from_head)
+    return BeamOutput(nbest_lists, hyps, batch_calls, from_head,
+                      [b.build() for b in builders] if builders else None)
 
 
 def _log_softmax(logits: Tensor) -> Tensor:

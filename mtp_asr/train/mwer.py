@@ -21,6 +21,7 @@ import torch
 
 from mtp_asr.config import ConfigError
 from mtp_asr.decode.beam import beam_search
+from mtp_asr.decode.lattice import MWER_SOURCES, get_backend, mwer_paths
 from mtp_asr.model.lm import LossOutput
 from mtp_asr.text import normalize_text
 from mtp_asr.train.config import SpeechTrainConfig
@@ -38,6 +39,8 @@ class MWERConfig(SpeechTrainConfig):
     length_norm: float = 0.5  # as in decoding
     ce_weight: float = 0.1  # lambda: the cross-entropy on the references keeps the model anchored
     mwer_source: str = "nbest"  # nbest: the search's N-best; lattice: paths sampled from its lattice
+    lattice_backend: str = "auto"  # lattice operations: k2 when installed (auto), or builtin, or k2
+    lattice_scale: float = 0.5  # paths are sampled in proportion to exp(scale x score) (k2's nbest_scale)
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,8 +48,10 @@ class MWERConfig(SpeechTrainConfig):
             raise ConfigError(f"nbest must be in 1..beam_size (got nbest {self.nbest}, beam_size {self.beam_size})")
         if self.threshold < 0 or self.ce_weight < 0:
             raise ConfigError("threshold and ce_weight must be >= 0")
-        if self.mwer_source not in ("nbest", "lattice"):
-            raise ConfigError(f"mwer_source must be nbest or lattice (got {self.mwer_source!r})")
+        if self.mwer_source not in MWER_SOURCES:
+            raise ConfigError(f"mwer_source must be one of {', '.join(MWER_SOURCES)} (got {self.mwer_source!r})")
+        if self.lattice_backend not in ("auto", "builtin", "k2"):
+            raise ConfigError(f"lattice_backend must be auto, builtin or k2 (got {self.lattice_backend!r})")
 
 
 def word_errors(ref: str, hyp: str) -> int:
@@ -65,9 +70,11 @@ class MWERTask(SpeechTask):
 
     def __init__(self, model, cfg: MWERConfig, tokenizer):
         super().__init__(model, cfg, tokenizer)
+        self.backend = get_backend(cfg.lattice_backend) if cfg.mwer_source == "lattice" else None
 
-    def search(self, feats, lens) -> tuple[list, list]:
-        """N-best per utterance and decoder calls per utterance, with the model as it decodes (eval, no grad)."""
+    def search(self, feats, lens) -> tuple[list, list, list]:
+        """Hypotheses to re-score per utterance (N-best, or paths sampled from the search's lattice), decoder calls
+        per utterance, and the best hypotheses; with the model as it decodes (eval mode, no gradient)."""
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()
         try:
@@ -77,20 +84,26 @@ class MWERTask(SpeechTask):
                 limits = [min(self.model.max_new_tokens(int(n)), 10 + int(15 * n / 100)) for n in lens.tolist()]
                 out = beam_search(self.model.lm, prefix, prefix_lens, "mtp-beam", self.cfg.num_heads,
                                   self.cfg.threshold, torch.tensor(limits), self.cfg.beam_size, self.cfg.nbest,
-                                  self.cfg.length_norm)
+                                  self.cfg.length_norm, lattice=self.cfg.mwer_source == "lattice")
         finally:
             for m, training in modes.items():
                 m.train(training)
-        if self.cfg.mwer_source == "lattice":
-            raise NotImplementedError("mwer_source=lattice")
-        return out.nbest, [h.decoder_calls for h in out.hyps]
+        calls = [h.decoder_calls for h in out.hyps]
+        if self.cfg.mwer_source == "nbest":
+            return out.nbest, calls, out.hyps
+        # Paths sampled from everything the search explored (as k2.MWERLoss does); the seed comes from torch's RNG,
+        # which checkpoints restore, so a resumed run samples the same paths. An utterance whose search finished no
+        # hypothesis has no complete path and keeps its N-best list.
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        paths = mwer_paths(out.lattices, "lattice", self.cfg.nbest, self.backend, self.cfg.lattice_scale, seed)
+        return [p if p else nb for p, nb in zip(paths, out.nbest)], calls, out.hyps
 
     def loss(self, model, batch):
         device = next(self.model.parameters()).device
         feats, lens = batch["feats"].to(device), batch["feat_lens"].to(device)
         if model.training:
             feats = self.augment(feats, lens)
-        nbest, calls = self.search(feats, lens)
+        nbest, calls, best = self.search(feats, lens)
         out = model(feats, lens, batch["tokens"], ctc_weight=self.cfg.ctc_weight, nbest=nbest)
         texts = [[self.tokenizer.decode(h.tokens) for h in hyps] for hyps in nbest]
         mwer_total = out.loss.new_zeros(())
@@ -103,7 +116,7 @@ class MWERTask(SpeechTask):
             mean_errs += float(errors.mean())
             oracle += float(errors.min())
             ref_words += len(normalize_text(ref).split())
-        tokens = sum(len(hyps[0].tokens) for hyps in nbest)
+        tokens = sum(len(h.tokens) for h in best)
         n = len(nbest)
         ce = out.loss
         out.loss = mwer_total / n + self.cfg.ce_weight * ce
