@@ -30,6 +30,16 @@ def subsampled_lengths(lengths: Tensor) -> Tensor:
     return ((lengths - 1) // 2 - 1) // 2
 
 
+def normalize_utterances(feats: Tensor, lens: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-utterance mean and variance normalisation of each feature bin over the valid frames (CMVN): log-mel
+    values arrive around -7 +- 6, and speakers and channels shift them; padding stays zero."""
+    valid = (torch.arange(feats.shape[1], device=feats.device) < lens[:, None]).unsqueeze(-1).to(feats.dtype)
+    n = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = (feats * valid).sum(1, keepdim=True) / n
+    var = ((feats - mean) ** 2 * valid).sum(1, keepdim=True) / n
+    return (feats - mean) * torch.rsqrt(var + eps) * valid
+
+
 class Conv2dSubsampling(nn.Module):
     def __init__(self, feat_dim: int, channels: int, dim: int):
         super().__init__()
@@ -71,7 +81,7 @@ class SpeechEncoder(nn.Module):
         """feats (B, T, F) -> encoder frames (B, T/4, dim) and their lengths."""
         if feats.shape[1] < 7:
             raise ValueError(f"input of {feats.shape[1]} frames is too short for the x4 subsampling (needs >= 7)")
-        x, lens = self.subsampling(feats, feat_lens)
+        x, lens = self.subsampling(normalize_utterances(feats, feat_lens), feat_lens)
         lens = lens.clamp(min=1, max=x.shape[1])
         self._valid = (torch.arange(x.shape[1], device=x.device) < lens[:, None]).unsqueeze(1).to(x.dtype)
         try:
