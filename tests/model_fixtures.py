@@ -142,3 +142,11 @@ def trained_counting_lm(kind: str = "latent", num_heads: int = 3, rows: int = 64
     firsts = torch.randint(3, 24, (rows,), generator=torch.Generator().manual_seed(1))
     prefix = lm.embed(torch.stack([torch.full_like(firsts, lm.bos_id), firsts], 1)).detach()
     return lm, prefix, torch.full((rows,), 2)
+
+
+def random_batch(lm, batch: int, seed: int, max_prompt: int = 6, max_new: int = 20):
+    """Random prompts (see random_prompts) and random per-row length limits in 1..max_new."""
+    g = torch.Generator().manual_seed(seed)
+    prefix, lens = random_prompts(lm, batch, max_prompt, g)
+    limits = torch.randint(1, max_new + 1, (batch,), generator=g)
+    return prefix, lens, limits

@@ -10,17 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from model_fixtures import EOS, random_prompts, single_thread, tiny_lm, tiny_speech_llama  # noqa: F401
+from model_fixtures import EOS, random_batch, random_prompts, single_thread, tiny_lm, tiny_speech_llama  # noqa: F401
 from mtp_asr.decode.beam import beam_search
 from mtp_asr.decode.generate import generate
 from mtp_asr.model.heads import HEAD_KINDS
-
-
-def random_batch(lm, batch, seed, max_prompt=6, max_new=12):
-    g = torch.Generator().manual_seed(seed)
-    prefix, lens = random_prompts(lm, batch, max_prompt, g)
-    limits = torch.randint(1, max_new + 1, (batch,), generator=g)
-    return prefix, lens, limits
 
 
 def search(lm, prefix, lens, limits, method, **kw):
@@ -88,7 +81,7 @@ def _total(h):
                                                          ("mtp-beam", 2, 0.0)])
 def test_matches_cache_free_reference(kind, method, beam_size, threshold):
     lm = tiny_lm(kind, num_heads=3, seed=60 + HEAD_KINDS.index(kind))
-    prefix, lens, limits = random_batch(lm, 10, 600)
+    prefix, lens, limits = random_batch(lm, 10, 600, max_new=12)
     out = search(lm, prefix, lens, limits, method, beam_size=beam_size, threshold=threshold, length_norm=0.8)
     K = 1 if method == "beam" else 3
     for r, hs in enumerate(out.nbest):
@@ -163,7 +156,7 @@ def test_beam_is_exact_when_the_beam_covers_the_search_space(length_norm):
     limit. A beam of 100 never prunes, so its N-best list must be every sequence, ranked as brute force ranks them."""
     lm = tiny_lm("latent", num_heads=1, vocab=5, seed=3)
     limit = 3
-    prefix, lens, _ = random_batch(lm, 4, 1000)
+    prefix, lens, _ = random_batch(lm, 4, 1000, max_new=12)
     out = search(lm, prefix, lens, torch.full((4,), limit), "beam", beam_size=100, nbest=85,
                  length_norm=length_norm)
     others = [t for t in range(5) if t != EOS]
@@ -249,7 +242,7 @@ def test_length_normalisation_does_not_prefer_early_eos():
 
 def test_argument_errors():
     lm = tiny_lm(num_heads=2)
-    prefix, lens, _ = random_batch(lm, 2, 0)
+    prefix, lens, _ = random_batch(lm, 2, 0, max_new=12)
     with pytest.raises(ValueError, match="unknown beam search method"):
         beam_search(lm, prefix, lens, "greedy")
     with pytest.raises(ValueError, match="num_heads"):

@@ -3,16 +3,9 @@
 import pytest
 import torch
 
-from model_fixtures import EOS, random_prompts, reference_decode, single_thread, tiny_lm  # noqa: F401
+from model_fixtures import EOS, random_batch, random_prompts, reference_decode, single_thread, tiny_lm  # noqa: F401
 from mtp_asr.decode.generate import generate
 from mtp_asr.model.heads import HEAD_KINDS
-
-
-def random_batch(lm, batch, seed, max_prompt=6, max_new=20):
-    g = torch.Generator().manual_seed(seed)
-    prefix, lens = random_prompts(lm, batch, max_prompt, g)
-    limits = torch.randint(1, max_new + 1, (batch,), generator=g)
-    return prefix, lens, limits
 
 
 def decode(lm, prefix, lens, limits, method, **kw):

@@ -50,23 +50,12 @@ Options (default):
 
 . tools/parse_options.sh
 . tools/log.sh
+. tools/stages.sh
 
 venv=tools/venv
 if [ -x "$venv/bin/mtp-asr" ]; then
   export PATH="$PWD/$venv/bin:$PATH"
 fi
-
-done_marker() { echo "exp/.done/$1"; }
-should_run() {
-  local n=$1 name=$2
-  [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ] || return 1
-  if [ -f "$(done_marker "$name")" ]; then
-    log "stage $n ($name): already done ($(done_marker "$name"))"
-    return 1
-  fi
-  log "stage $n: $name"
-}
-mark_done() { mkdir -p exp/.done; touch "$(done_marker "$1")"; }
 
 existing() {  # the parts of "$@" that stage 1 prepared
   local p

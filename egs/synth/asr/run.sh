@@ -46,6 +46,7 @@ Options (default):
 
 . tools/parse_options.sh
 . tools/log.sh
+. tools/stages.sh
 
 conf=conf
 if [ "$quick" = true ]; then
@@ -60,19 +61,6 @@ if [ -x "$venv/bin/mtp-asr" ]; then
 fi
 lang=data/lang_bpe_$vocab_size
 
-# Each stage runs once: its marker is written only after it succeeded, so a failed stage runs again on a rerun
-# (training then resumes from its last checkpoint).
-done_marker() { echo "exp/.done/$1"; }
-should_run() {
-  local n=$1 name=$2
-  [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ] || return 1
-  if [ -f "$(done_marker "$name")" ]; then
-    log "stage $n ($name): already done ($(done_marker "$name"))"
-    return 1
-  fi
-  log "stage $n: $name"
-}
-mark_done() { mkdir -p exp/.done; touch "$(done_marker "$1")"; }
 
 if should_run 0 install; then
   bash tools/install.sh

@@ -1,0 +1,124 @@
+"""The recipes end to end, as a user runs them: the quick demo (under a path with a space, rerun and resume after a
+failed stage) and the LibriSpeech recipe on a tiny LibriSpeech-layout corpus spoken by espeak-ng."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(os.environ.get("MTP_ASR_VENV", REPO / "tools" / "venv")) / "bin"
+
+
+def recipe_copy(name: str, root: Path) -> Path:
+    """egs/<name>/asr copied under `root`, with tools/ and local/ linked to the repository's (as in the repo)."""
+    src = REPO / "egs" / name / "asr"
+    dst = root / "egs" / name / "asr"
+    dst.mkdir(parents=True)
+    shutil.copy2(src / "run.sh", dst / "run.sh")
+    shutil.copytree(src / "conf", dst / "conf")
+    (dst / "tools").symlink_to(REPO / "tools")
+    (dst / "local").symlink_to(REPO / "local")
+    return dst
+
+
+def run(recipe: Path, *args, check=True, timeout=1800) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(["bash", str(recipe / "run.sh"), *map(str, args)], cwd=recipe, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def summary_rows(recipe: Path) -> list:
+    return json.loads((recipe / "exp" / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
+    recipe = recipe_copy("synth", tmp_path / "with space")
+    first = run(recipe, "--quick", "true")
+    rows = summary_rows(recipe)
+    for test_set in ("test", "test_unseen_voice"):
+        methods = {r["method"] for r in rows if r["test_set"] == test_set}
+        assert {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify"} <= methods, methods
+        greedy = next(r for r in rows if r["test_set"] == test_set and r["method"] == "greedy")
+        for r in rows:
+            if r["test_set"] == test_set and r["method"] in ("mtp-verify", "ctc-verify"):
+                assert r["wer"] == greedy["wer"]  # lossless methods
+                assert r["num_decoder_calls"] < greedy["num_decoder_calls"]
+    assert "| test | greedy |" in first.stdout
+    for name in ("recogs", "errs", "wer-summary", "summary"):
+        assert list((recipe / "exp" / "asr" / "decode" / "greedy").glob(f"{name}-test-*")), name
+
+    # A rerun skips every finished stage.
+    again = run(recipe, "--quick", "true")
+    assert again.stdout.count("already done") >= 8
+
+    # A failed stage leaves no marker; the rerun resumes there and only there.
+    (recipe / "exp" / ".done" / "average").unlink()
+    failed = run(recipe, "--quick", "true", "--avg", "99", check=False)
+    assert failed.returncode != 0 and not (recipe / "exp" / ".done" / "average").exists()
+    resumed = run(recipe, "--quick", "true")
+    assert "stage 7: average" in resumed.stdout and "stage 6 (asr): already done" in resumed.stdout
+
+
+def write_librispeech(root: Path) -> Path:
+    """A tiny LibriSpeech layout: <part>/<speaker>/<chapter>/<spk>-<ch>-<utt>.flac plus <spk>-<ch>.trans.txt."""
+    sentences = ["THE CAT SAT ON THE MAT", "A DOG RAN IN THE PARK", "WE READ A GOOD BOOK", "THE SUN IS WARM TODAY",
+                 "SHE HAS A RED CAR", "HE WENT TO THE SHOP", "THE BIRD CAN SING", "IT IS A BIG TREE"]
+    parts = {"train-clean-100": (sentences * 2, ["en-us", "en-gb"]), "dev-clean": (sentences[:3], ["en-us"]),
+             "test-clean": (sentences[3:6], ["en-gb"]), "test-other": (sentences[5:8], ["en-us"])}
+    for p_i, (part, (texts, voices)) in enumerate(parts.items()):
+        speaker, chapter = 100 + p_i, 200 + p_i
+        d = root / "LibriSpeech" / part / str(speaker) / str(chapter)
+        d.mkdir(parents=True)
+        lines = []
+        for i, text in enumerate(texts):
+            utt = f"{speaker}-{chapter}-{i:04d}"
+            wav = subprocess.run(["espeak-ng", "-v", voices[i % len(voices)], "--stdout", text.lower()],
+                                 capture_output=True, check=True).stdout
+            tmp = d / f"{utt}.tmp.wav"
+            tmp.write_bytes(wav)
+            audio, rate = sf.read(tmp, dtype="float32")
+            tmp.unlink()
+            idx = np.round(np.arange(0, len(audio), rate / 16000)).astype(int).clip(max=len(audio) - 1)
+            sf.write(d / f"{utt}.flac", audio[idx], 16000)
+            lines.append(f"{utt} {text}")
+        (d / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    return root / "LibriSpeech"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng speaks the tiny corpus")
+def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
+    corpus = write_librispeech(tmp_path / "corpus")
+    recipe = recipe_copy("librispeech", tmp_path)
+    lm = yaml.safe_load((recipe / "conf" / "lm_125m.yaml").read_text())
+    lm["decoder"] = {"dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 512}
+    lm["data"]["max_tokens"] = 1000
+    lm["optim"] = {"lr": 3e-3, "warmup_steps": 2}
+    lm["save_every_n"] = 0
+    train = yaml.safe_load((recipe / "conf" / "train_125m.yaml").read_text())
+    train["model"]["encoder"] = {"dim": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64, "conv_kernel": 3,
+                                 "subsampling_channels": 8, "ctc": True}
+    train["data"].update({"max_duration": 20})
+    train.update({"num_workers": 0, "save_every_n": 0, "optim": {"lr": 3e-3, "warmup_steps": 2}})
+    (recipe / "conf" / "lm_tiny.yaml").write_text(yaml.safe_dump(lm))
+    (recipe / "conf" / "train_tiny.yaml").write_text(yaml.safe_dump(train))
+
+    proc = run(recipe, "--corpus-dir", corpus, "--lm-conf", "conf/lm_tiny.yaml", "--train-conf", "conf/train_tiny.yaml",
+               "--vocab-size", 40, "--lm-epochs", 1, "--asr-epochs", 2, "--avg", 2, "--nj", 1, "--ngpu", 1,
+               "--thresholds", "0.8", "--decode-batch-size", 4)
+    rows = summary_rows(recipe)
+    assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
+    assert {r["method"] for r in rows} >= {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify"}
+    assert all(r["num_utts"] == 3 for r in rows)
+    assert (recipe / "data" / "manifests" / "cuts_train-clean-100.jsonl.gz").is_file()
+    assert "stage 8: results table" in proc.stdout
