@@ -1,5 +1,9 @@
 """Fixtures shared by the data tests: tiny audio corpora written on the fly (Kaldi and LibriSpeech layouts)."""
+import os
 from pathlib import Path
+
+# As the CLI does (see mtp_asr/cli/__init__.py): no spinning OpenMP threads when tests run beside other processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest

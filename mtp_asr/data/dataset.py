@@ -1,14 +1,17 @@
 """Batches for training and decoding: Lhotse cut batches with features and tokens, and token batches of text.
 
-Bad cuts cost one utterance, not a run: a cut whose features cannot be loaded or whose transcript is empty is
-dropped from its batch with a warning naming it, and counted in the batch (`num_skipped`).
+Bad cuts cost one utterance, not a run: a cut whose features cannot be loaded, whose transcript is empty or holds
+text outside the tokenizer, or that does not fit the model, is dropped from its batch with a warning naming it, and
+counted in the batch (`num_skipped`).
 """
 import logging
 import random
-from typing import Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from lhotse import CutSet
+from lhotse.cut import Cut
 from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 
 from mtp_asr.data.tokenizer import Tokenizer
@@ -26,31 +29,54 @@ def pad_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 
 class AsrDataset(torch.utils.data.Dataset):
-    """Maps a CutSet (one batch from a sampler) to features, lengths, token ids and texts."""
+    """Maps a CutSet (one batch from a sampler) to features, lengths, token ids and texts.
 
-    def __init__(self, tokenizer: Optional[Tokenizer] = None):
-        self.tokenizer = tokenizer
+    `fits(num_frames, num_tokens)`, when given, says whether an utterance fits the model (its prompt and transcript
+    within the decoder's positions); those that do not are skipped rather than failing the whole batch.
+    """
+
+    def __init__(self, tokenizer: Optional[Tokenizer] = None, fits: Optional[Callable[[int, int], bool]] = None):
+        self.tokenizer, self.fits = tokenizer, fits
 
     def __getitem__(self, cuts: CutSet) -> dict:
-        feats, kept, skipped = [], [], 0
+        feats, kept, tokens, skipped = [], [], [], 0
         for cut in cuts:
             text = " ".join(s.text or "" for s in cut.supervisions).strip()
-            if self.tokenizer is not None and not text:
-                logger.warning("skipping cut %s: empty transcript", cut.id)
-                skipped += 1
-                continue
+            ids = None
+            if self.tokenizer is not None:
+                if not text:
+                    logger.warning("skipping cut %s: empty transcript", cut.id)
+                    skipped += 1
+                    continue
+                ids = self.tokenizer.encode(text)
+                if self.tokenizer.unk_id in ids:
+                    # Training on <unk> would teach the model to emit it; the cut's label is unusable as it is.
+                    pieces = self.tokenizer.sp.encode(text, out_type=str)
+                    unknown = " ".join(p for p, i in zip(pieces, ids) if i == self.tokenizer.unk_id)
+                    logger.warning("skipping cut %s: its transcript holds text outside the tokenizer's vocabulary "
+                                   "(%s)", cut.id, unknown)
+                    skipped += 1
+                    continue
             try:
                 f = torch.from_numpy(cut.load_features()).float()
             except Exception as e:  # a corrupt or missing feature file must not stop a run
-                logger.warning("skipping cut %s: cannot load its features (%s: %s)", cut.id, type(e).__name__, e)
+                # Lhotse appends the whole cut to the message; its first line says what went wrong.
+                reason = (str(e).splitlines() or [""])[0]
+                logger.warning("skipping cut %s: cannot load its features (%s: %s)", cut.id, type(e).__name__, reason)
                 skipped += 1
                 continue
             if f.shape[0] < 7 or not torch.isfinite(f).all():
                 logger.warning("skipping cut %s: %d frames (needs >= 7) or non-finite features", cut.id, f.shape[0])
                 skipped += 1
                 continue
+            if self.fits is not None and not self.fits(f.shape[0], len(ids or [])):
+                logger.warning("skipping cut %s: %.1f s of audio and %d tokens do not fit the model's decoder "
+                               "positions", cut.id, cut.duration, len(ids or []))
+                skipped += 1
+                continue
             feats.append(f)
             kept.append((cut, text))
+            tokens.append(ids)
         if not kept:
             return {"num_skipped": skipped, "cut_ids": []}
         x, lens = pad_features(feats)
@@ -63,8 +89,31 @@ class AsrDataset(torch.utils.data.Dataset):
             "num_skipped": skipped,
         }
         if self.tokenizer is not None:
-            batch["tokens"] = [self.tokenizer.encode(t) for _, t in kept]
+            batch["tokens"] = tokens
         return batch
+
+
+def read_cuts(path, lazy: bool = False) -> CutSet:
+    """A cut manifest (JSON lines, optionally gzipped), read through once so that a file that is not one (not JSON,
+    a truncated gzip, another kind of manifest) fails here with its name and line, not mid-run with a bare parser
+    message. lazy=True returns a CutSet that streams from the file (large training sets)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cut manifest {path} does not exist")
+    if not path.name.endswith((".jsonl", ".jsonl.gz")):
+        raise ValueError(f"cut manifest {path}: expected JSON lines (.jsonl or .jsonl.gz)")
+    eager, read = [], 0
+    try:
+        for cut in CutSet.from_jsonl_lazy(path):
+            if not isinstance(cut, Cut):
+                raise TypeError(f"it holds a {type(cut).__name__}, not a cut")
+            read += 1
+            if not lazy:
+                eager.append(cut)
+    except Exception as e:  # whatever the parser trips on, the file is at fault
+        reason = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}:{read + 1}: not a Lhotse cut manifest ({type(e).__name__}: {reason})") from None
+    return CutSet.from_jsonl_lazy(path) if lazy else CutSet.from_cuts(eager)
 
 
 class SkipFirst(torch.utils.data.Sampler):

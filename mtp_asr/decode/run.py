@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from lhotse import load_manifest
 
+from mtp_asr.data.dataset import read_cuts
 from mtp_asr.decode.report import write_results, write_sweep_plot
 from mtp_asr.decode.runner import DecodeSettings, decode_batch, decode_cuts
 from mtp_asr.model.build import load_speech_model
@@ -55,6 +55,16 @@ def settings_list(method: str, thresholds: Sequence[float], num_heads: Optional[
     return [DecodeSettings(method, 1.0, num_heads, **options)]
 
 
+def check_decoded(result, manifest, total: int) -> None:
+    """Refuse a result that decoded nothing (a WER of 0% over no utterance would look perfect); warn about skips."""
+    if not result.results:
+        raise ValueError(f"nothing of {manifest} was decoded: {result.num_skipped} of its {total} cuts were skipped "
+                         f"(see the warnings above)")
+    if result.num_skipped:
+        logger.warning("%s: %d of %d cuts skipped (see the warnings above); the WER covers the other %d",
+                       manifest, result.num_skipped, total, len(result.results))
+
+
 def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[Path], method: str,
                thresholds: Sequence[float], num_heads: Optional[int], batch_size: int, out_dir: Path,
                device: str = "auto", **options) -> list:
@@ -63,11 +73,12 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
     out_dir = Path(out_dir)
     summaries = []
     for manifest in manifests:
-        cuts = load_manifest(manifest)
+        cuts = read_cuts(manifest)
         test_set = set_name(manifest)
         sweep = []
         for settings in settings_list(method, thresholds, num_heads, **options):
             result = decode_cuts(model, tokenizer, cuts, settings, batch_size, desc=test_set)
+            check_decoded(result, manifest, len(cuts))
             suffix = f"{ckpt_name}-{settings.label()}-bs{batch_size}"
             summary = write_results(out_dir, test_set, suffix, result, {"batch_size": batch_size,
                                                                         "checkpoint": ckpt_name,
@@ -102,7 +113,7 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
     benchmark.md; returns the rows."""
     dev = pick_device(device)
     model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
-    cuts = load_manifest(manifest)
+    cuts = read_cuts(manifest)
     if max_utts:
         cuts = cuts.subset(first=max_utts)
     warm = cuts.subset(first=min(warmup_utts, len(cuts)))
@@ -121,6 +132,7 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
         base = None
         for settings in methods:
             res = decode_cuts(model, tokenizer, cuts, settings, bs, desc=f"benchmark bs={bs}")
+            check_decoded(res, manifest, len(cuts))
             s = res.summary()
             row = {"batch_size": bs, "method": settings.label(), "wer": round(compute_error_stats(res.results).wer, 3),
                    **{k: s[k] for k in ("num_utts", "num_tokens", "num_decoder_calls", "num_batch_calls",

@@ -95,6 +95,15 @@ def latest_checkpoint(exp_dir) -> Optional[Path]:
     return max(candidates)[2] if candidates else None
 
 
+def remove_stale_temp_files(exp_dir) -> None:
+    """Delete the temporary files of writes that a killed process left behind (`.NAME.XXXXXXXX.tmp*`, see
+    mtp_asr.utils.atomic_path): they are never complete, and nothing else would remove them."""
+    for p in Path(exp_dir).glob(".*.tmp*"):
+        if p.is_file() and re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp(\..+)?", p.name):
+            logger.warning("removing %s, left by an interrupted write", p)
+            p.unlink(missing_ok=True)
+
+
 def remove_old_checkpoints(exp_dir, keep_last: int) -> None:
     if keep_last <= 0:
         return

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mtp_asr.train.checkpoint import (
-    latest_checkpoint, load_checkpoint, remove_old_checkpoints, rng_state, save_checkpoint, set_rng_state,
+    latest_checkpoint, load_checkpoint, remove_old_checkpoints, remove_stale_temp_files, rng_state, save_checkpoint,
+    set_rng_state,
 )
 from mtp_asr.train.config import LoopConfig
 from mtp_asr.utils import format_seconds
@@ -175,6 +176,8 @@ class Trainer:
 
     def _restore(self):
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        if self.dist.is_main:
+            remove_stale_temp_files(self.exp_dir)
         path = latest_checkpoint(self.exp_dir) if self.resume else None
         if path is None:
             return
@@ -247,14 +250,18 @@ class Trainer:
             self._train_mode()
             stats = _Stats(self.task.unit)
             bad_in_row = 0
+            empty_batches = used_batches = skipped_items = 0
             batches = iter(self.task.train_batches(self.epoch, self.batch_in_epoch, self.dist.rank,
                                                    self.dist.world_size))
             accumulated = 0
             while True:
                 batch = next(batches, None)
                 has_batch = batch is not None
+                if has_batch and isinstance(batch, dict):
+                    skipped_items += batch.get("num_skipped", 0)  # bad cuts the dataset dropped (it warned)
                 if has_batch and self.task.is_empty(batch):
                     self.batch_in_epoch += 1
+                    empty_batches += 1
                     continue
                 # A signal is honoured between optimizer steps, where a checkpoint captures everything.
                 n_missing, n_signal = self._agree(0.0 if has_batch else 1.0,
@@ -267,6 +274,7 @@ class Trainer:
                 if n_missing:
                     break
                 self.batch_in_epoch += 1
+                used_batches += 1
                 out = self._forward_backward(batch, accumulated)
                 if out is None:
                     bad_in_row += 1
@@ -293,6 +301,7 @@ class Trainer:
                         remove_old_checkpoints(self.exp_dir, cfg.keep_last_k)
                 if cfg.max_steps and self.step >= cfg.max_steps:
                     break
+            self._check_skips(empty_batches, used_batches, skipped_items)
             if accumulated:  # the epoch's last batches did not fill an accumulation group
                 self._optimizer_step()
             if cfg.max_steps and self.step >= cfg.max_steps and self.batch_in_epoch < self.batches_per_epoch:
@@ -307,6 +316,15 @@ class Trainer:
                     format_seconds(time.monotonic() - start_time))
         self._check_ranks_agree()
         return 0
+
+    def _check_skips(self, empty_batches: int, used_batches: int, skipped_items: int) -> None:
+        """Report the epoch's skipped cuts; stop when nothing of it was usable, rather than "train" on nothing."""
+        n_empty, n_used, n_skipped = self._agree(empty_batches, used_batches, skipped_items)
+        if n_empty and not n_used:
+            raise TrainingError(f"epoch {self.epoch + 1}: all {int(n_empty)} batches were empty, every cut was "
+                                f"skipped ({int(n_skipped)}; see the warnings above for why)")
+        if n_skipped and self.dist.is_main:
+            logger.warning("epoch %d: %d cuts skipped (see the warnings above)", self.epoch + 1, n_skipped)
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps replicas identical; check it (a cheap fingerprint per rank) rather than trust it."""

@@ -7,14 +7,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 stage=0
 stop_stage=100
 quick=false        # true: a tiny corpus and tiny models, every stage in a few minutes (CI runs this)
-hours=0.8          # audio to synthesise (all splits)
+hours=2.0          # audio to synthesise (all splits)
 seed=0
 nj=2               # parallel jobs for corpus generation and features
 engines=espeak,flite,festival,hibari
-vocab_size=256
-lm_epochs=8
-ctc_epochs=4       # encoder CTC pre-training; 0 skips it
-asr_epochs=12
+token_type=char    # sentencepiece model type: char (learns fastest from little audio), bpe or unigram
+vocab_size=40      # an upper bound for char (the corpus has 30 symbols)
+lm_epochs=3
+ctc_epochs=6       # encoder CTC pre-training; 0 skips it
+asr_epochs=8
 avg=3
 thresholds="0.5 0.7 0.8 0.9 0.95"
 decode_batch_size=16
@@ -27,9 +28,9 @@ Stages (--stage N --stop-stage M run a range; finished stages are skipped throug
   0  install the environment (tools/install.sh)
   1  synthesise the corpus and prepare Lhotse manifests (data/manifests)
   2  80-dim fbank features (data/fbank)
-  3  LM text (data/lm) and sentencepiece tokenizer (data/lang_bpe_<vocab_size>)
-  4  pre-train the decoder LM with its MTP heads on text (exp/lm)
-  5  pre-train the encoder with CTC (exp/ctc; skipped when --ctc-epochs 0)
+  3  LM text (data/lm) and sentencepiece tokenizer (data/lang_<token_type>)
+  4  pre-train the decoder LM with its MTP heads on text (exp/lm)  } run side by side,
+  5  pre-train the encoder with CTC (exp/ctc; --ctc-epochs 0 skips) } one core each
   6  train Speech-LLaMA with K=4 MTP heads (exp/asr)
   7  average the last --avg epochs
   8  decode every test set: greedy, mtp-threshold (a sweep), mtp-verify, ctc-verify
@@ -39,7 +40,7 @@ Options (default):
   --quick ($quick)            tiny corpus and models (CI)
   --hours ($hours)            hours of synthetic audio
   --seed ($seed)  --nj ($nj)  --engines ($engines)
-  --vocab-size ($vocab_size)
+  --token-type ($token_type)  --vocab-size ($vocab_size)
   --lm-epochs ($lm_epochs)  --ctc-epochs ($ctc_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)
   --thresholds (\"$thresholds\")  --decode-batch-size ($decode_batch_size)  --device ($device)
 "
@@ -51,7 +52,7 @@ Options (default):
 conf=conf
 if [ "$quick" = true ]; then
   conf=conf/quick
-  hours=0.03; engines=espeak,flite; vocab_size=64
+  hours=0.03; engines=espeak,flite
   lm_epochs=3; ctc_epochs=1; asr_epochs=3; avg=2; thresholds="0.5 0.9"
 fi
 
@@ -59,7 +60,7 @@ venv=tools/venv
 if [ -x "$venv/bin/mtp-asr" ]; then
   export PATH="$PWD/$venv/bin:$PATH"
 fi
-lang=data/lang_bpe_$vocab_size
+lang=data/lang_$token_type
 
 
 if should_run 0 install; then
@@ -84,25 +85,38 @@ if should_run 3 tokenizer; then
   mkdir -p data/lm
   cp data/manifests/corpus/lm_text.txt data/lm/train.txt
   cut -d' ' -f2- data/manifests/corpus/dev/text > data/lm/valid.txt
-  mtp-asr train-bpe data/fbank/cuts_train.jsonl.gz "$lang" --vocab-size "$vocab_size" --extra-text data/lm/train.txt
+  mtp-asr train-bpe data/fbank/cuts_train.jsonl.gz "$lang" --vocab-size "$vocab_size" --model-type "$token_type" \
+    --extra-text data/lm/train.txt
   mark_done tokenizer
 fi
 
+# Stages 4 and 5 train different parts (decoder on text, encoder on audio): they run side by side, one core each,
+# which keeps both cores busier than one job on two threads.
+threads=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))
+pids=()
 if should_run 4 lm; then
-  mtp-asr pretrain-lm -c "$conf/lm.yaml" --exp-dir exp/lm --set "data.tokenizer=$lang/tokenizer.model" \
-    --set "num_epochs=$lm_epochs"
-  mark_done lm
+  (
+    OMP_NUM_THREADS=$threads mtp-asr pretrain-lm -c "$conf/lm.yaml" --exp-dir exp/lm \
+      --set "data.tokenizer=$lang/tokenizer.model" --set "num_epochs=$lm_epochs"
+    mark_done lm
+  ) &
+  pids+=($!)
 fi
-
 init_encoder=""
 if [ "$ctc_epochs" -gt 0 ]; then
   init_encoder=exp/ctc/epoch-$ctc_epochs.pt
   if should_run 5 ctc; then
-    mtp-asr train -c "$conf/train.yaml" --ctc-only --exp-dir exp/ctc --set "data.tokenizer=$lang/tokenizer.model" \
-      --set "num_epochs=$ctc_epochs" --set "optim.warmup_steps=50"
-    mark_done ctc
+    (
+      OMP_NUM_THREADS=$threads mtp-asr train -c "$conf/train.yaml" --ctc-only --exp-dir exp/ctc \
+        --set "data.tokenizer=$lang/tokenizer.model" --set "num_epochs=$ctc_epochs" --set optim.lr=3e-3
+      mark_done ctc
+    ) &
+    pids+=($!)
   fi
 fi
+for pid in ${pids[@]+"${pids[@]}"}; do
+  wait "$pid"  # set -e: a failed stage stops the recipe here
+done
 
 if should_run 6 asr; then
   mtp-asr train -c "$conf/train.yaml" --exp-dir exp/asr --set "data.tokenizer=$lang/tokenizer.model" \
