@@ -45,21 +45,29 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
     recipe = recipe_copy("synth", tmp_path / "with space")
     first = run(recipe, "--quick", "true")
     rows = summary_rows(recipe)
+    models = {"avg-epoch-3-avg-2", "checkpoint-4"}  # the averaged model, and the MWER model after its 4 steps
+    assert {r["checkpoint"] for r in rows} == models
     for test_set in ("test", "test_unseen_voice"):
-        methods = {r["method"] for r in rows if r["test_set"] == test_set}
-        assert {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify"} <= methods, methods
-        greedy = next(r for r in rows if r["test_set"] == test_set and r["method"] == "greedy")
-        for r in rows:
-            if r["test_set"] == test_set and r["method"] in ("mtp-verify", "ctc-verify"):
-                assert r["wer"] == greedy["wer"]  # lossless methods
-                assert r["num_decoder_calls"] < greedy["num_decoder_calls"]
-    assert "| test | greedy |" in first.stdout
+        for model in models:
+            these = [r for r in rows if r["test_set"] == test_set and r["checkpoint"] == model]
+            methods = {r["method"] for r in these}
+            want = {"greedy", "mtp-verify", "mtp-beam"} | ({"mtp-threshold", "ctc-verify", "beam"}
+                                                          if model.startswith("avg") else set())
+            assert methods == want, (model, methods)
+            greedy = next(r for r in these if r["method"] == "greedy")
+            for r in these:
+                if r["method"] in ("mtp-verify", "ctc-verify"):
+                    assert r["wer"] == greedy["wer"]  # lossless methods
+                    assert r["num_decoder_calls"] < greedy["num_decoder_calls"]
+    assert "| test | avg-epoch-3-avg-2 | greedy |" in first.stdout
+    assert "stage 10: mwer" in first.stdout
+    assert (recipe / "exp" / "mwer" / "tensorboard").is_dir()
     for name in ("recogs", "errs", "wer-summary", "summary"):
         assert list((recipe / "exp" / "asr" / "decode" / "greedy").glob(f"{name}-test-*")), name
 
     # A rerun skips every finished stage.
     again = run(recipe, "--quick", "true")
-    assert again.stdout.count("already done") >= 8
+    assert again.stdout.count("already done") >= 11
 
     # A failed stage leaves no marker; the rerun resumes there and only there.
     (recipe / "exp" / ".done" / "average").unlink()
@@ -118,7 +126,9 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
                "--thresholds", "0.8", "--decode-batch-size", 4)
     rows = summary_rows(recipe)
     assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
-    assert {r["method"] for r in rows} >= {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify"}
+    base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2"}
+    assert base == {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"}
+    assert {r["method"] for r in rows if r["checkpoint"] == "epoch-1"} == {"greedy", "mtp-verify", "mtp-beam"}  # MWER
     assert all(r["num_utts"] == 3 for r in rows)
     assert (recipe / "data" / "manifests" / "cuts_train-clean-100.jsonl.gz").is_file()
-    assert "stage 8: results table" in proc.stdout
+    assert "stage 10: results table" in proc.stdout

@@ -36,13 +36,13 @@ def add_speedups(rows: list) -> list:
 
 
 def markdown(rows: list) -> str:
-    head = ("| test set | method | tau | beam | WER % | decoder calls | tokens/call | decoder s | wall s | "
+    head = ("| test set | model | method | tau | beam | WER % | decoder calls | tokens/call | decoder s | wall s | "
             "speed-up (calls) | speed-up (wall) | RTF |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for s in rows:
         lines.append(
-            f"| {s['test_set']} | {s['method']} | {fmt(s.get('threshold'), 'g')} | {fmt(s.get('beam_size'), 'd')} | "
+            f"| {s['test_set']} | {s.get('checkpoint') or '-'} | {s['method']} | {fmt(s.get('threshold'), 'g')} | {fmt(s.get('beam_size'), 'd')} | "
             f"{s['wer']:.2f} | {s['num_decoder_calls']} | {s['tokens_per_call']:.2f} | {s['decoder_seconds']:.2f} | "
             f"{s['wall_seconds']:.2f} | {fmt(s['speedup_calls'], '.2f')}x | {fmt(s['speedup_seconds'], '.2f')}x | "
             f"{s['rtf']:.4f} |")

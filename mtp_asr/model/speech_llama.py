@@ -35,6 +35,18 @@ class Encoded:
     audio_lens: Tensor
 
 
+def prompt_positions(num_frames: int, stack: int) -> int:
+    """Decoder positions taken by the prompt [BOS] audio [SEP] of an utterance with `num_frames` feature frames
+    (x4 subsampling, then `stack` encoder frames per audio embedding)."""
+    frames = max(1, ((num_frames - 1) // 2 - 1) // 2)
+    return -(-frames // stack) + 2
+
+
+def fits_decoder(num_frames: int, num_tokens: int, stack: int, max_seq_len: int) -> bool:
+    """Whether an utterance's prompt, transcript and EOS fit in the decoder's positions (training)."""
+    return prompt_positions(num_frames, stack) + num_tokens + 1 <= max_seq_len
+
+
 class SpeechLlama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -50,8 +62,7 @@ class SpeechLlama(nn.Module):
 
     def prompt_length(self, num_frames: int) -> int:
         """Decoder positions taken by the prompt of an utterance with `num_frames` feature frames."""
-        frames = max(1, ((num_frames - 1) // 2 - 1) // 2)
-        return -(-frames // self.cfg.adapter.stack) + 2
+        return prompt_positions(num_frames, self.cfg.adapter.stack)
 
     def max_new_tokens(self, num_frames: int) -> int:
         """Transcript tokens that still fit in the decoder's positions after the prompt (and K drafts)."""

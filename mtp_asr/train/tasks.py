@@ -5,15 +5,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from lhotse import CutSet, load_manifest_lazy
+from lhotse import CutSet
 
 from mtp_asr.config import to_dict
 from mtp_asr.data.augment import spec_augment
-from mtp_asr.data.dataset import AsrDataset, TextBatches, cut_loader, cut_sampler
+from mtp_asr.data.dataset import AsrDataset, TextBatches, cut_loader, cut_sampler, read_cuts
 from mtp_asr.data.tokenizer import Tokenizer, manifest_texts, text_file_lines
 from mtp_asr.model.build import lm_config_dict, tokenizer_tensor
 from mtp_asr.model.lm import MTPLanguageModel
-from mtp_asr.model.speech_llama import SpeechLlama
+from mtp_asr.model.speech_llama import SpeechLlama, fits_decoder
 from mtp_asr.train.config import LMTrainConfig, SpeechTrainConfig
 from mtp_asr.train.trainer import Task
 
@@ -26,7 +26,7 @@ def load_cuts(paths: Sequence[str], what: str) -> CutSet:
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"{what} manifest {p} does not exist")
-    cuts = [load_manifest_lazy(p) for p in paths]
+    cuts = [read_cuts(p, lazy=True) for p in paths]
     out = cuts[0]
     for more in cuts[1:]:
         out = out + more  # lazy concatenation
@@ -51,7 +51,9 @@ class SpeechTask(Task):
         # Lhotse wants at least one cut per bucket.
         self.num_buckets = min(cfg.data.num_buckets, kept)
         self.valid_cuts = load_cuts(cfg.data.valid_cuts, "validation") if cfg.data.valid_cuts else None
-        self.dataset = AsrDataset(tokenizer)
+        model_cfg = model.cfg
+        self.dataset = AsrDataset(tokenizer, fits=functools.partial(
+            fits_decoder, stack=model_cfg.adapter.stack, max_seq_len=model_cfg.decoder.max_seq_len))
 
     def _sampler_args(self, rank, world_size) -> dict:
         return dict(max_duration=self.cfg.data.max_duration, shuffle=True, seed=self.cfg.seed, rank=rank,

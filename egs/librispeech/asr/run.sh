@@ -22,6 +22,10 @@ avg=5
 ngpu=auto          # processes for torchrun (auto: the number of GPUs, 1 without any)
 thresholds="0.6 0.8 0.9"
 decode_batch_size=32
+beam_size=4
+beam_threshold=0.8 # tau of mtp-beam
+mwer_conf=conf/mwer.yaml
+mwer_epochs=1
 device=auto
 train_args=""      # more `--set key=value` overrides for training, e.g. "--set data.max_duration=300"
 
@@ -33,11 +37,13 @@ Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done 
   2  80-dim fbank (data/fbank)
   3  tokenizer: a BPE model (data/lang_bpe_<vocab_size>), or the --hf-llm directory's tokenizer
   4  pre-train the decoder LM on the training transcripts (exp/lm; skipped with --hf-llm; add LibriSpeech's
-     LM corpus with --train-args "--set data.train_text=[...,librispeech-lm-norm.txt]")
+     LM corpus with --train-args '--set data.train_text=[...,librispeech-lm-norm.txt]')
   5  train Speech-LLaMA (exp/asr; torchrun over --ngpu processes)
   6  average the last --avg epochs
-  7  decode the test parts: greedy, mtp-threshold (a sweep), mtp-verify, ctc-verify
-  8  results table: exp/summary.json and exp/summary.md
+  7  decode the test parts: greedy, mtp-threshold (a sweep), mtp-verify, ctc-verify, beam, mtp-beam
+  8  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
+  9  decode the MWER model: greedy, mtp-verify, mtp-beam
+  10 results table: exp/summary.json and exp/summary.md
 
 Options (default):
   --corpus-dir ($corpus_dir)  --train-parts ($train_parts)
@@ -45,7 +51,8 @@ Options (default):
   --vocab-size ($vocab_size)  --hf-llm (none)  --lm-conf ($lm_conf)  --train-conf ($train_conf)
   --lm-epochs ($lm_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)  --ngpu ($ngpu)
   --thresholds (\"$thresholds\")  --decode-batch-size ($decode_batch_size)  --device ($device)
-  --train-args (\"\")  extra --set overrides for stages 4 and 5
+  --beam-size ($beam_size)  --beam-threshold ($beam_threshold)  --mwer-conf ($mwer_conf)  --mwer-epochs ($mwer_epochs)
+  --train-args (\"\")  extra --set overrides for stages 4, 5 and 8
 "
 
 . tools/parse_options.sh
@@ -59,7 +66,9 @@ fi
 
 existing() {  # the parts of "$@" that stage 1 prepared
   local p
-  for p in "$@"; do [ -f "data/fbank/cuts_$p.jsonl.gz" ] && echo "$p"; done
+  for p in "$@"; do
+    if [ -f "data/fbank/cuts_$p.jsonl.gz" ]; then echo "$p"; fi
+  done
 }
 
 # One process, or torchrun over several (one per GPU).
@@ -143,19 +152,41 @@ if should_run 6 average; then
   mark_done average
 fi
 
-if should_run 7 decode; then
-  cuts=()
+# Decodes the test parts with the given model and methods; extra arguments go to each `mtp-asr decode`.
+decode_all() {
+  local model=$1 out=$2 methods=$3 method cuts=() p
+  shift 3
   for p in $(existing $test_parts); do cuts+=(--cuts "data/fbank/cuts_$p.jsonl.gz"); done
+  for method in $methods; do
+    mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" --batch-size "$decode_batch_size" \
+      --device "$device" --out-dir "$out/$method" "$@"
+  done
+}
+
+if should_run 7 decode; then
   threshold_args=()
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
-  for method in greedy mtp-threshold mtp-verify ctc-verify; do
-    mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" "${threshold_args[@]}" \
-      --batch-size "$decode_batch_size" --device "$device" --out-dir "exp/asr/decode/$method"
-  done
+  decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}"
+  decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold"
   mark_done decode
 fi
 
-if [ "$stage" -le 8 ] && [ "$stop_stage" -ge 8 ]; then
-  log "stage 8: results table"
-  mtp-asr summarize exp/asr/decode --out exp/summary.json
+if should_run 8 mwer; then
+  # shellcheck disable=SC2086
+  train mwer -c "$mwer_conf" --init "$model" --exp-dir exp/mwer --set "num_epochs=$mwer_epochs" \
+    --set "beam_size=$beam_size" --set "threshold=$beam_threshold" --set "data.train_cuts=$(list_arg $train_cuts)" \
+    --set "data.valid_cuts=$(list_arg $dev_cuts)" $train_args
+  mark_done mwer
+fi
+
+if should_run 9 mwer_decode; then
+  mwer_model=exp/mwer/epoch-$mwer_epochs.pt
+  decode_all "$mwer_model" exp/mwer/decode "greedy mtp-verify"
+  decode_all "$mwer_model" exp/mwer/decode mtp-beam --beam-size "$beam_size" --threshold "$beam_threshold"
+  mark_done mwer_decode
+fi
+
+if [ "$stage" -le 10 ] && [ "$stop_stage" -ge 10 ]; then
+  log "stage 10: results table"
+  mtp-asr summarize exp/asr/decode exp/mwer/decode --out exp/summary.json
 fi

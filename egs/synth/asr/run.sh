@@ -19,6 +19,9 @@ asr_epochs=8
 avg=3
 thresholds="0.5 0.7 0.8 0.9 0.95"
 decode_batch_size=16
+beam_size=4
+beam_threshold=0.8 # tau of mtp-beam
+mwer_steps=60
 device=auto
 test_sets="test test_unseen_voice"
 
@@ -34,7 +37,10 @@ Stages (--stage N --stop-stage M run a range; finished stages are skipped throug
   6  train Speech-LLaMA with K=4 MTP heads (exp/asr)
   7  average the last --avg epochs
   8  decode every test set: greedy, mtp-threshold (a sweep), mtp-verify, ctc-verify
-  9  results table: exp/summary.json and exp/summary.md
+  9  beam searches: beam and the prefix-based mtp-beam (--beam-size)
+  10 MWER fine-tuning on mtp-beam N-best lists (exp/mwer; --mwer-steps)
+  11 decode the MWER model: greedy, mtp-verify, mtp-beam
+  12 results table: exp/summary.json and exp/summary.md
 
 Options (default):
   --quick ($quick)            tiny corpus and models (CI)
@@ -43,18 +49,22 @@ Options (default):
   --token-type ($token_type)  --vocab-size ($vocab_size)
   --lm-epochs ($lm_epochs)  --ctc-epochs ($ctc_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)
   --thresholds (\"$thresholds\")  --decode-batch-size ($decode_batch_size)  --device ($device)
+  --beam-size ($beam_size)  --beam-threshold ($beam_threshold)  --mwer-steps ($mwer_steps)
 "
+
+# --quick true changes the defaults, so it is read first; options given on the command line still win.
+case " $* " in
+  *" --quick true "*)
+    hours=0.03; engines=espeak,flite
+    lm_epochs=3; ctc_epochs=1; asr_epochs=3; avg=2; thresholds="0.5 0.9"; mwer_steps=4 ;;
+esac
 
 . tools/parse_options.sh
 . tools/log.sh
 . tools/stages.sh
 
 conf=conf
-if [ "$quick" = true ]; then
-  conf=conf/quick
-  hours=0.03; engines=espeak,flite
-  lm_epochs=3; ctc_epochs=1; asr_epochs=3; avg=2; thresholds="0.5 0.9"
-fi
+if [ "$quick" = true ]; then conf=conf/quick; fi
 
 venv=tools/venv
 if [ -x "$venv/bin/mtp-asr" ]; then
@@ -130,19 +140,43 @@ if should_run 7 average; then
   mark_done average
 fi
 
-if should_run 8 decode; then
-  cuts=()
+# Decodes every test set with the given model and methods; extra arguments go to each `mtp-asr decode`.
+decode_all() {
+  local model=$1 out=$2 methods=$3 method cuts=() t
+  shift 3
   for t in $test_sets; do cuts+=(--cuts "data/fbank/cuts_$t.jsonl.gz"); done
+  for method in $methods; do
+    mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" --batch-size "$decode_batch_size" \
+      --device "$device" --out-dir "$out/$method" "$@"
+  done
+}
+
+if should_run 8 decode; then
   threshold_args=()
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
-  for method in greedy mtp-threshold mtp-verify ctc-verify; do
-    mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" "${threshold_args[@]}" \
-      --batch-size "$decode_batch_size" --device "$device" --out-dir "exp/asr/decode/$method"
-  done
+  decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}"
   mark_done decode
 fi
 
-if [ "$stage" -le 9 ] && [ "$stop_stage" -ge 9 ]; then
-  log "stage 9: results table"
-  mtp-asr summarize exp/asr/decode --out exp/summary.json
+if should_run 9 beam; then
+  decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold"
+  mark_done beam
+fi
+
+if should_run 10 mwer; then
+  mtp-asr mwer -c "$conf/mwer.yaml" --init "$model" --exp-dir exp/mwer --set "max_steps=$mwer_steps" \
+    --set "beam_size=$beam_size" --set "threshold=$beam_threshold"
+  mark_done mwer
+fi
+
+if should_run 11 mwer_decode; then
+  mwer_model=$(python -c "from mtp_asr.train.checkpoint import latest_checkpoint as l; print(l('exp/mwer'))")
+  decode_all "$mwer_model" exp/mwer/decode "greedy mtp-verify"
+  decode_all "$mwer_model" exp/mwer/decode mtp-beam --beam-size "$beam_size" --threshold "$beam_threshold"
+  mark_done mwer_decode
+fi
+
+if [ "$stage" -le 12 ] && [ "$stop_stage" -ge 12 ]; then
+  log "stage 12: results table"
+  mtp-asr summarize exp/asr/decode exp/mwer/decode --out exp/summary.json
 fi
