@@ -402,7 +402,8 @@ class Trainer:
                 stats.add(self.task.loss(self.model, batch), self.task.batch_weight(batch))
         self._train_mode()
         if self.dist.is_main and stats.utts:
-            logger.info("validation after epoch %d (step %d): %s", self.epoch, self.step, stats.summary())
+            where = f"epoch {self.epoch}" if self.batch_in_epoch == 0 else f"step {self.step} of epoch {self.epoch + 1}"
+            logger.info("validation after %s (step %d): %s", where, self.step, stats.summary())
             stats.write(self.tb, "valid", self.step)
             self.tb.flush()
 
