@@ -438,6 +438,9 @@ class _Stats:
     def rate(self) -> float:
         return self.weight / max(time.monotonic() - self.start, 1e-9)
 
+    def has_heads(self) -> bool:
+        return bool(self.count.sum() > 0)
+
     def head_losses(self) -> list:
         return (self.loss_sum / self.count.clamp(min=1)).tolist()
 
@@ -447,10 +450,13 @@ class _Stats:
     def summary(self) -> str:
         if self.loss_sum is None:
             return "no batches"
-        text = (f"loss/head {' '.join(f'{x:.3f}' for x in self.head_losses())}, "
-                f"acc/head {' '.join(f'{x:.3f}' for x in self.head_accs())}")
+        parts = []
+        if self.has_heads():  # not in CTC-only training
+            parts += [f"loss/head {' '.join(f'{x:.3f}' for x in self.head_losses())}",
+                      f"acc/head {' '.join(f'{x:.3f}' for x in self.head_accs())}"]
         if self.ctc_sum:
-            text += f", ctc {self.ctc_sum / max(self.utts, 1):.2f}/utt"
+            parts.append(f"ctc {self.ctc_sum / max(self.utts, 1):.2f}/utt")
+        text = ", ".join(parts)
         for name, value in self.metric_values().items():
             text += f", {name.replace('_', ' ')} {value:.3f}"
         return text + f", {self.rate():.1f} {self.unit}/s"
@@ -461,10 +467,11 @@ class _Stats:
     def write(self, tb, prefix: str, step: int) -> None:
         if tb is None or self.loss_sum is None:
             return
-        for k, (loss, acc) in enumerate(zip(self.head_losses(), self.head_accs()), start=1):
-            tb.add_scalar(f"{prefix}/loss_head{k}", loss, step)
-            tb.add_scalar(f"{prefix}/acc_head{k}", acc, step)
-        tb.add_scalar(f"{prefix}/loss", self.head_losses()[0], step)
+        if self.has_heads():
+            for k, (loss, acc) in enumerate(zip(self.head_losses(), self.head_accs()), start=1):
+                tb.add_scalar(f"{prefix}/loss_head{k}", loss, step)
+                tb.add_scalar(f"{prefix}/acc_head{k}", acc, step)
+            tb.add_scalar(f"{prefix}/loss", self.head_losses()[0], step)
         if self.ctc_sum:
             tb.add_scalar(f"{prefix}/ctc_loss", self.ctc_sum / max(self.utts, 1), step)
         for name, value in self.metric_values().items():
