@@ -11,9 +11,9 @@ as `mtp-asr decode` (result files included). Prints peak RSS against N and the R
 
 Peak RSS comes from getrusage (the high-water mark of the process); it also moves with the allocator's
 fragmentation and with the longest batch met, so it is reported, not judged alone. Two figures separate a leak from
-that noise: the Python heap's peak during the decode (tracemalloc: what a decode keeps per utterance, its cut,
-reference and hypothesis for scoring, about a kilobyte) and the tensors still alive after it (any tensor kept per
-utterance shows up there).
+that noise: the Python heap's peak during the decode (tracemalloc: what a decode keeps per utterance for scoring,
+its reference, hypothesis and their alignment, a few kilobytes) and the tensors still alive after it (any tensor kept
+per utterance shows up there).
 """
 import argparse
 import json
@@ -90,11 +90,14 @@ def build_checkpoint(work: Path, manifest: Path) -> Path:
 
 def live_tensors() -> int:
     import gc
+    import warnings
 
     import torch
 
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    with warnings.catch_warnings():  # isinstance() touches deprecated module attributes (torch.distributed.reduce_op)
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 def decode_one(args) -> None:
