@@ -170,6 +170,27 @@ def _nan(out):
     return out
 
 
+def test_out_of_memory_batch_is_skipped_and_logged(corpus, tmp_path, monkeypatch):
+    """What a GPU does on a batch too large for it, raised on the CPU: the batch is skipped, the run goes on."""
+    from mtp_asr.train import tasks
+
+    real_loss = tasks.SpeechTask.loss
+    calls = {"n": 0}
+
+    def oom_once(self, model, batch):
+        calls["n"] += 1
+        if model.training and calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(tasks.SpeechTask, "loss", oom_once)
+    exp = tmp_path / "exp"
+    assert train_speech(tiny_train_config(corpus, num_epochs=1), exp) == 0
+    log = (exp / "log" / "log-train-rank0.txt").read_text()
+    assert "out of GPU memory on a batch of" in log and "skipping it" in log
+    assert (exp / "epoch-1.pt").is_file() and not list(exp.glob("bad-batch-*"))
+
+
 def test_export_safetensors_and_hf_decoder(corpus, tmp_path):
     assert train_speech(tiny_train_config(corpus, num_epochs=1), tmp_path / "exp") == 0
     from safetensors.torch import load_file
