@@ -337,9 +337,11 @@ def test_decode_and_benchmark_commands(tmp_path):
     bench = tmp_path / "bench"
     result = CliRunner().invoke(main, ["benchmark", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]),
                                        "--batch-sizes", "2", "--threshold", "0.5", "--beam-size", "2", "--device",
-                                       "cpu", "--num-threads", "1", "--out-dir", str(bench)])
+                                       "cpu", "--num-threads", "1", "--max-draft", "4", "--max-draft", "32",
+                                       "--out-dir", str(bench)])
     assert result.exit_code == 0, result.output
     rows = json.loads((bench / "benchmark.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["greedy", "mtp-threshold-tau0.5", "mtp-verify", "ctc-verify-D32",
-                                           "beam-B2", "mtp-beam-tau0.5-B2"]
-    assert next(r for r in rows if r["method"] == "ctc-verify-D32")["same_as_greedy"] == 1.0
+    assert [r["method"] for r in rows] == ["greedy", "mtp-threshold-tau0.5", "mtp-verify", "ctc-verify-D4",
+                                           "ctc-verify-D32", "beam-B2", "mtp-beam-tau0.5-B2"]
+    for d in (4, 32):
+        assert next(r for r in rows if r["method"] == f"ctc-verify-D{d}")["same_as_greedy"] == 1.0

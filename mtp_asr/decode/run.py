@@ -107,10 +107,11 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
 
 def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Sequence[int], thresholds: Sequence[float],
                   out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0,
-                  beam_size: Optional[int] = None) -> list:
+                  beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,)) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
-    greedy run; `beam` and `mtp-beam` (at every threshold) too when a beam size is given. Writes benchmark.json and
-    benchmark.md; returns the rows."""
+    greedy run; `ctc-verify` at every draft length in `max_drafts` (for a model with a CTC head); `beam` and
+    `mtp-beam` (at every threshold) too when a beam size is given. Writes benchmark.json and benchmark.md; returns
+    the rows."""
     dev = pick_device(device)
     model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
     cuts = read_cuts(manifest)
@@ -120,7 +121,7 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
     methods = [DecodeSettings("greedy")] + [DecodeSettings("mtp-threshold", t) for t in thresholds] + [
         DecodeSettings("mtp-verify")]
     if model.encoder.ctc_head is not None:
-        methods.append(DecodeSettings("ctc-verify"))
+        methods += [DecodeSettings("ctc-verify", max_draft=d) for d in max_drafts]
     if beam_size:
         methods += [DecodeSettings("beam", beam_size=beam_size)] + [
             DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds]
