@@ -126,12 +126,22 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def counting_task(first_tokens) -> list:
+    """Transcripts c, c+1, ..., whose length depends on c: learnable in a few dozen steps, and predictable ahead."""
+    return [list(range(c, c + 4 + c % 5)) for c in first_tokens]
+
+
+def counting_firsts(rows: int) -> torch.Tensor:
+    """The first tokens c of the prompts `trained_counting_lm` returns, in row order."""
+    return torch.randint(3, 24, (rows,), generator=torch.Generator().manual_seed(1))
+
+
 def trained_counting_lm(kind: str = "latent", num_heads: int = 3, rows: int = 64, steps: int = 60):
-    """A tiny LM trained briefly to continue c -> c+1, c+2, ... (length depending on c): heads agree, drafts get
-    accepted. Returns the model (float64, eval) and `rows` prompts `[BOS] c`."""
+    """A tiny LM trained briefly on `counting_task` (c -> c+1, c+2, ...): heads agree, drafts get accepted.
+    Returns the model (float64, eval), `rows` prompts `[BOS] c` (c from `counting_firsts`) and their lengths."""
     torch.manual_seed(0)
     lm = tiny_lm(kind, num_heads=num_heads, vocab=32, dim=32, seed=40, dtype=torch.float32, randomize=False).train()
-    data = [list(range(c, c + 4 + c % 5)) for c in range(3, 24)]
+    data = counting_task(range(3, 24))
     opt = torch.optim.Adam(lm.parameters(), lr=1e-2)
     for _ in range(steps):
         loss = lm(data).loss
@@ -139,7 +149,7 @@ def trained_counting_lm(kind: str = "latent", num_heads: int = 3, rows: int = 64
         loss.backward()
         opt.step()
     lm = lm.double().eval()
-    firsts = torch.randint(3, 24, (rows,), generator=torch.Generator().manual_seed(1))
+    firsts = counting_firsts(rows)
     prefix = lm.embed(torch.stack([torch.full_like(firsts, lm.bos_id), firsts], 1)).detach()
     return lm, prefix, torch.full((rows,), 2)
 

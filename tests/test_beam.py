@@ -10,7 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from model_fixtures import EOS, random_batch, random_prompts, single_thread, tiny_lm, tiny_speech_llama  # noqa: F401
+from model_fixtures import (  # noqa: F401
+    EOS, counting_firsts, counting_task, random_batch, random_prompts, single_thread, tiny_lm, tiny_speech_llama,
+    trained_counting_lm,
+)
 from mtp_asr.decode.beam import beam_search
 from mtp_asr.decode.generate import generate
 from mtp_asr.model.heads import HEAD_KINDS
@@ -261,25 +264,10 @@ def test_argument_errors():
 
 # ---- a briefly trained model: confident heads, blocks that save calls ---------------------------------------------
 
-def counting_task(first_tokens):
-    """Transcripts c, c+1, ..., whose length depends on c: learnable in a few dozen steps, and predictable ahead."""
-    return [list(range(c, c + 4 + c % 5)) for c in first_tokens]
-
-
 def test_mtp_beam_saves_calls_on_a_trained_model():
-    torch.manual_seed(0)
-    lm = tiny_lm("latent", num_heads=3, vocab=32, dim=32, seed=40, dtype=torch.float32, randomize=False).train()
-    data = counting_task(range(3, 24))
-    opt = torch.optim.Adam(lm.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = lm(data).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    lm = lm.double().eval()
-    firsts = torch.randint(3, 24, (100,), generator=torch.Generator().manual_seed(1))
-    prefix = lm.embed(torch.stack([torch.full_like(firsts, lm.bos_id), firsts], 1))
-    lens, limits = torch.full((100,), 2), torch.full((100,), 15)
+    lm, prefix, lens = trained_counting_lm(rows=100)
+    firsts = counting_firsts(100)
+    limits = torch.full((100,), 15)
     truth = [c[1:] for c in counting_task(firsts.tolist())]
     beam = search(lm, prefix, lens, limits, "beam", beam_size=4)
     mtp = search(lm, prefix, lens, limits, "mtp-beam", beam_size=4, threshold=0.5)

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from model_fixtures import EOS, random_batch, random_prompts, reference_decode, single_thread, tiny_lm  # noqa: F401
+from model_fixtures import (  # noqa: F401
+    EOS, counting_firsts, counting_task, random_batch, random_prompts, reference_decode, single_thread, tiny_lm,
+    trained_counting_lm,
+)
 from mtp_asr.decode.generate import generate
 from mtp_asr.model.heads import HEAD_KINDS
 
@@ -256,30 +259,13 @@ def test_argument_errors():
 
 # ---- a briefly trained model: heads that agree, drafts that get accepted ---------------------------------------
 
-def counting_task(first_tokens):
-    """Transcripts c, c+1, ..., whose length depends on c: learnable in a few dozen steps, and predictable ahead."""
-    return [list(range(c, c + 4 + c % 5)) for c in first_tokens]
-
-
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_verify_equals_greedy_on_a_trained_model(kind):
-    torch.manual_seed(0)
-    lm = tiny_lm(kind, num_heads=3, vocab=32, dim=32, seed=40, dtype=torch.float32, randomize=False).train()
-    data = counting_task(range(3, 24))
-    opt = torch.optim.Adam(lm.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = lm(data).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = lm(data)
+    lm, prefix, lens = trained_counting_lm(kind, rows=200)  # prompt: [BOS] c; the model continues c+1 ...
+    with torch.no_grad():
+        out = lm(counting_task(range(3, 24)))
     accuracy = (out.head_correct / out.head_count).tolist()
-    lm = lm.double().eval()
-
-    # prompt: [BOS] c; the model continues c+1 ...
-    firsts = torch.randint(3, 24, (200,), generator=torch.Generator().manual_seed(1))
-    prefix = lm.embed(torch.stack([torch.full_like(firsts, lm.bos_id), firsts], 1))
-    lens = torch.full((200,), 2)
+    firsts = counting_firsts(200)
     limits = torch.full((200,), 15)
     greedy = decode(lm, prefix, lens, limits, "greedy")
     verify = decode(lm, prefix, lens, limits, "mtp-verify")
