@@ -58,6 +58,7 @@ Options (default):
 . tools/parse_options.sh
 . tools/log.sh
 . tools/stages.sh
+. tools/decode.sh
 
 venv=tools/venv
 if [ -x "$venv/bin/mtp-asr" ]; then
@@ -152,16 +153,7 @@ if should_run 6 average; then
   mark_done average
 fi
 
-# Decodes the test parts with the given model and methods; extra arguments go to each `mtp-asr decode`.
-decode_all() {
-  local model=$1 out=$2 methods=$3 method cuts=() p
-  shift 3
-  for p in $(existing $test_parts); do cuts+=(--cuts "data/fbank/cuts_$p.jsonl.gz"); done
-  for method in $methods; do
-    mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" --batch-size "$decode_batch_size" \
-      --device "$device" --out-dir "$out/$method" "$@"
-  done
-}
+decode_sets=$(existing $test_parts)
 
 if should_run 7 decode; then
   threshold_args=()

@@ -62,6 +62,7 @@ esac
 . tools/parse_options.sh
 . tools/log.sh
 . tools/stages.sh
+. tools/decode.sh
 
 conf=conf
 if [ "$quick" = true ]; then conf=conf/quick; fi
@@ -140,16 +141,7 @@ if should_run 7 average; then
   mark_done average
 fi
 
-# Decodes every test set with the given model and methods; extra arguments go to each `mtp-asr decode`.
-decode_all() {
-  local model=$1 out=$2 methods=$3 method cuts=() t
-  shift 3
-  for t in $test_sets; do cuts+=(--cuts "data/fbank/cuts_$t.jsonl.gz"); done
-  for method in $methods; do
-    mtp-asr decode --checkpoint "$model" "${cuts[@]}" --method "$method" --batch-size "$decode_batch_size" \
-      --device "$device" --out-dir "$out/$method" "$@"
-  done
-}
+decode_sets=$test_sets
 
 if should_run 8 decode; then
   threshold_args=()
