@@ -46,9 +46,19 @@ sys.exit(main())
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same in every run: thread counts change float sums
 
 
+def train_command(launcher: Path, cfg: Path, exp: Path) -> list:
+    return [sys.executable, str(launcher), "train", "-c", str(cfg), "--exp-dir", str(exp)]
+
+
 def start(launcher: Path, cfg: Path, exp: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(launcher), "train", "-c", str(cfg), "--exp-dir", str(exp)],
-                            cwd=exp.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    return subprocess.Popen(train_command(launcher, cfg, exp), cwd=exp.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def run_to_end(launcher: Path, cfg: Path, exp: Path) -> None:
+    proc = subprocess.run(train_command(launcher, cfg, exp), cwd=exp.parent, capture_output=True, text=True,
+                          timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def logged_steps(exp: Path) -> int:
@@ -88,9 +98,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     launcher = tmp_path / "slow_save_mtp_asr.py"
     launcher.write_text(LAUNCHER)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run = subprocess.run([sys.executable, str(launcher), "train", "-c", str(cfg), "--exp-dir", str(full)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_to_end(launcher, cfg, full)
 
     # 1. In the middle of writing the second checkpoint: the first one is the newest complete one.
     proc = start(launcher, cfg, cut)
@@ -122,9 +130,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     assert steps == sorted(steps), "a resumed run must not fall behind the checkpoint it resumed from"
 
     # 3. Resume to the end: the leftovers of killed writes are cleaned up, and the result is the uninterrupted one.
-    final = subprocess.run([sys.executable, str(launcher), "train", "-c", str(cfg), "--exp-dir", str(cut)],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
-    assert final.returncode == 0, final.stderr[-3000:]
+    run_to_end(launcher, cfg, cut)
     assert not list(cut.glob(".*.tmp*"))
     a, b = load_checkpoint(full / "epoch-2.pt")["model"], load_checkpoint(cut / "epoch-2.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -30,6 +30,7 @@ def dump(args) -> None:
     from mtp_asr.data.dataset import AsrDataset
     from mtp_asr.decode.beam import beam_search
     from mtp_asr.decode.lattice import save_lattices
+    from mtp_asr.decode.runner import batches_by_size
     from mtp_asr.model.build import load_speech_model
     from mtp_asr.utils import Progress, atomic_write_text, setup_logging
 
@@ -41,11 +42,7 @@ def dump(args) -> None:
     dataset = AsrDataset(None)
     lattices, refs = {}, {}
     bar = Progress("mtp-beam lattices", total=len(cuts), unit="utts")
-    batch = []
-    for i, cut in enumerate(cuts):
-        batch.append(cut)
-        if len(batch) < args.batch_size and i + 1 < len(cuts):
-            continue
+    for batch in batches_by_size(cuts, args.batch_size):
         b = dataset[batch]
         with torch.no_grad():
             enc = model.encode(b["feats"], b["feat_lens"])
@@ -56,7 +53,6 @@ def dump(args) -> None:
         for cut_id, text, lat in zip(b["cut_ids"], b["texts"], out.lattices):
             lattices[cut_id], refs[cut_id] = lat, text
         bar.update(len(batch))
-        batch = []
     bar.close()
     save_lattices(args.out, lattices)
     pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.sp.get_piece_size())]
