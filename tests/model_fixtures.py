@@ -62,11 +62,11 @@ def randomize_(lm: MTPLanguageModel, seed: int) -> None:
 
 
 def tiny_speech_llama(kind: str = "latent", num_heads: int = 3, vocab: int = 24, feat_dim: int = 20,
-                      ctc: bool = True, seed: int = 0) -> SpeechLlama:
+                      ctc: bool = True, seed: int = 0, subsampling: int = 4) -> SpeechLlama:
     torch.manual_seed(seed)
     cfg = ModelConfig(
         encoder=EncoderConfig(feat_dim=feat_dim, dim=16, num_layers=2, num_heads=2, ffn_dim=32, conv_kernel=5,
-                              subsampling_channels=4, dropout=0.0, ctc=ctc),
+                              subsampling_channels=4, dropout=0.0, ctc=ctc, subsampling=subsampling),
         adapter=AdapterConfig(stack=2),
         decoder=LlamaConfig(vocab_size=vocab, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32,
                             max_seq_len=256),

@@ -226,12 +226,14 @@ def test_rms_norm_keeps_float64_precision():
 
 # ---- encoder and adapter ---------------------------------------------------------------------------------------
 
-def test_encoder_batch_invariance():
-    """An utterance encoded alone equals the same utterance padded (with junk) in a batch with a longer one."""
-    model = tiny_speech_llama().double().eval()
+@pytest.mark.parametrize("subsampling", [4, 2])
+def test_encoder_batch_invariance(subsampling):
+    """An utterance encoded alone equals the same utterance padded (with junk) in a batch with a longer one; the
+    prompt takes the positions that prompt_length (used to budget the decoder's positions) says."""
+    model = tiny_speech_llama(subsampling=subsampling).double().eval()
     g = torch.Generator().manual_seed(3)
     long = torch.randn(61, 20, generator=g, dtype=torch.float64)
-    for short_len in (23, 30, 37):  # 4, 6 and 8 frames: an odd frame count leaves a half-empty adapter stack
+    for short_len in (23, 30, 37):  # odd frame counts leave a half-empty adapter stack
         short = torch.randn(short_len, 20, generator=g, dtype=torch.float64)
         batch = torch.randn(2, 61, 20, generator=g, dtype=torch.float64)
         batch[0], batch[1, :short_len] = long, short
@@ -239,8 +241,10 @@ def test_encoder_batch_invariance():
         for row, feats in ((1, short), (0, long)):
             alone = model.encode(feats[None], torch.tensor([len(feats)]))
             n, a = int(alone.frame_lens[0]), int(alone.audio_lens[0])
-            assert n == alone.frames.shape[1] == subsampled_lengths(torch.tensor(len(feats)))
+            assert n == alone.frames.shape[1] == subsampled_lengths(torch.tensor(len(feats)), subsampling)
+            assert n == {4: {23: 5, 30: 6, 37: 8, 61: 14}, 2: {23: 9, 30: 12, 37: 16, 61: 28}}[subsampling][len(feats)]
             assert int(both.frame_lens[row]) == n and int(both.audio_lens[row]) == a == math.ceil(n / 2)
+            assert model.prompt_length(len(feats)) == model.prompt(alone.audio, alone.audio_lens)[1].item() == a + 2
             torch.testing.assert_close(both.frames[row, :n], alone.frames[0], rtol=1e-10, atol=1e-10)
             torch.testing.assert_close(both.audio[row, :a], alone.audio[0], rtol=1e-10, atol=1e-10)
 

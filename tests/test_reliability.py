@@ -227,6 +227,8 @@ CONFIG_ERRORS = {
     "negative learning rate": ("optim.lr=-0.001", "optim.lr must be > 0"),
     "negative ctc weight": ("ctc_weight=-1", "ctc_weight must be >= 0"),
     "unknown key": ("optim.learning_rate=1", "train config.optim: unknown key(s) learning_rate"),
+    "no time masks": ("spec_augment.frames_per_time_mask=0", "spec_augment.frames_per_time_mask must be >= 1 (got 0)"),
+    "odd subsampling": ("model.encoder.subsampling=3", "encoder.subsampling must be 2 or 4 (got 3)"),
 }
 
 

@@ -14,6 +14,13 @@ class SpecAugmentConfig:
     max_time_width: int = 40
     max_time_fraction: float = 0.1  # a time mask covers at most this fraction of the utterance
 
+    def __post_init__(self):
+        if self.frames_per_time_mask < 1:
+            raise ValueError(f"spec_augment.frames_per_time_mask must be >= 1 (got {self.frames_per_time_mask}); "
+                             "spec_augment.enabled: false turns SpecAugment off")
+        if min(self.num_freq_masks, self.max_freq_width, self.max_time_width) < 0 or self.max_time_fraction < 0:
+            raise ValueError("spec_augment widths, counts and max_time_fraction must be >= 0")
+
 
 def _randint(high: int) -> int:
     """Uniform in [0, high] inclusive."""

@@ -1,4 +1,4 @@
-"""Speech encoder: convolutional subsampling (x4 in time) + Conformer blocks, with an optional CTC head."""
+"""Speech encoder: convolutional subsampling (x2 or x4 in time) + Conformer blocks, with an optional CTC head."""
 from dataclasses import dataclass
 
 import torch
@@ -15,19 +15,24 @@ class EncoderConfig:
     ffn_dim: int = 576
     conv_kernel: int = 15
     subsampling_channels: int = 64
+    # Feature frames (10 ms) per encoder frame. x4 (40 ms) is the usual choice for sub-word units; characters come
+    # at up to 20 per second, which leaves CTC barely a blank between them at 40 ms, and it learns slowly: x2.
+    subsampling: int = 4
     dropout: float = 0.1
     ctc: bool = True  # a CTC head on the encoder output (auxiliary loss; drafts for ctc-verify)
 
     def __post_init__(self):
         if self.dim % self.num_heads:
             raise ValueError(f"encoder.dim ({self.dim}) must be divisible by encoder.num_heads ({self.num_heads})")
+        if self.subsampling not in (2, 4):
+            raise ValueError(f"encoder.subsampling must be 2 or 4 (got {self.subsampling})")
         if self.conv_kernel % 2 == 0:
             raise ValueError(f"encoder.conv_kernel must be odd (got {self.conv_kernel})")
 
 
-def subsampled_lengths(lengths: Tensor) -> Tensor:
-    """Frames after two 3x3 convolutions with stride 2 and no padding."""
-    return ((lengths - 1) // 2 - 1) // 2
+def subsampled_lengths(lengths, factor: int = 4):
+    """Frames after two 3x3 convolutions without padding, strides 2 and 2 (x4) or 2 and 1 (x2) in time."""
+    return ((lengths - 1) // 2 - 1) // 2 if factor == 4 else (lengths - 1) // 2 - 2
 
 
 def normalize_utterances(feats: Tensor, lens: Tensor, eps: float = 1e-5) -> Tensor:
@@ -41,11 +46,12 @@ def normalize_utterances(feats: Tensor, lens: Tensor, eps: float = 1e-5) -> Tens
 
 
 class Conv2dSubsampling(nn.Module):
-    def __init__(self, feat_dim: int, channels: int, dim: int):
+    def __init__(self, feat_dim: int, channels: int, dim: int, factor: int = 4):
         super().__init__()
+        self.factor = factor
         self.conv = nn.Sequential(
             nn.Conv2d(1, channels, 3, stride=2), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=(factor // 2, 2)), nn.ReLU(),
         )
         freq = ((feat_dim - 1) // 2 - 1) // 2
         self.out = nn.Linear(channels * freq, dim)
@@ -53,14 +59,14 @@ class Conv2dSubsampling(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         x = self.conv(x.unsqueeze(1))  # (B, C, T', F')
         B, C, T, F = x.shape
-        return self.out(x.transpose(1, 2).reshape(B, T, C * F)), subsampled_lengths(lengths)
+        return self.out(x.transpose(1, 2).reshape(B, T, C * F)), subsampled_lengths(lengths, self.factor)
 
 
 class SpeechEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.subsampling = Conv2dSubsampling(cfg.feat_dim, cfg.subsampling_channels, cfg.dim)
+        self.subsampling = Conv2dSubsampling(cfg.feat_dim, cfg.subsampling_channels, cfg.dim, cfg.subsampling)
         self.conformer = Conformer(
             input_dim=cfg.dim, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
             depthwise_conv_kernel_size=cfg.conv_kernel, dropout=cfg.dropout,
@@ -78,9 +84,9 @@ class SpeechEncoder(nn.Module):
         return (args[0] * self._valid,) if self._valid is not None else None
 
     def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
-        """feats (B, T, F) -> encoder frames (B, T/4, dim) and their lengths."""
+        """feats (B, T, F) -> encoder frames (B, T/subsampling, dim) and their lengths."""
         if feats.shape[1] < 7:
-            raise ValueError(f"input of {feats.shape[1]} frames is too short for the x4 subsampling (needs >= 7)")
+            raise ValueError(f"input of {feats.shape[1]} frames is too short for the subsampling (needs >= 7)")
         x, lens = self.subsampling(normalize_utterances(feats, feat_lens), feat_lens)
         lens = lens.clamp(min=1, max=x.shape[1])
         self._valid = (torch.arange(x.shape[1], device=x.device) < lens[:, None]).unsqueeze(1).to(x.dtype)

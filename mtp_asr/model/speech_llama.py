@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtp_asr.model.adapter import Adapter, AdapterConfig
-from mtp_asr.model.encoder import EncoderConfig, SpeechEncoder
+from mtp_asr.model.encoder import EncoderConfig, SpeechEncoder, subsampled_lengths
 from mtp_asr.model.heads import HeadsConfig
 from mtp_asr.model.llama import LlamaConfig
 from mtp_asr.model.lm import LossOutput, MTPLanguageModel
@@ -35,16 +35,16 @@ class Encoded:
     audio_lens: Tensor
 
 
-def prompt_positions(num_frames: int, stack: int) -> int:
+def prompt_positions(num_frames: int, stack: int, subsampling: int = 4) -> int:
     """Decoder positions taken by the prompt [BOS] audio [SEP] of an utterance with `num_frames` feature frames
-    (x4 subsampling, then `stack` encoder frames per audio embedding)."""
-    frames = max(1, ((num_frames - 1) // 2 - 1) // 2)
+    (the encoder's subsampling, then `stack` encoder frames per audio embedding)."""
+    frames = max(1, subsampled_lengths(num_frames, subsampling))
     return -(-frames // stack) + 2
 
 
-def fits_decoder(num_frames: int, num_tokens: int, stack: int, max_seq_len: int) -> bool:
+def fits_decoder(num_frames: int, num_tokens: int, stack: int, max_seq_len: int, subsampling: int = 4) -> bool:
     """Whether an utterance's prompt, transcript and EOS fit in the decoder's positions (training)."""
-    return prompt_positions(num_frames, stack) + num_tokens + 1 <= max_seq_len
+    return prompt_positions(num_frames, stack, subsampling) + num_tokens + 1 <= max_seq_len
 
 
 class SpeechLlama(nn.Module):
@@ -62,7 +62,7 @@ class SpeechLlama(nn.Module):
 
     def prompt_length(self, num_frames: int) -> int:
         """Decoder positions taken by the prompt of an utterance with `num_frames` feature frames."""
-        return prompt_positions(num_frames, self.cfg.adapter.stack)
+        return prompt_positions(num_frames, self.cfg.adapter.stack, self.cfg.encoder.subsampling)
 
     def max_new_tokens(self, num_frames: int) -> int:
         """Transcript tokens that still fit in the decoder's positions after the prompt (and K drafts)."""
