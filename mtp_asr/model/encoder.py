@@ -15,8 +15,8 @@ class EncoderConfig:
     ffn_dim: int = 576
     conv_kernel: int = 15
     subsampling_channels: int = 64
-    # Feature frames (10 ms) per encoder frame. x4 (40 ms) is the usual choice for sub-word units; characters come
-    # at up to 20 per second, which leaves CTC barely a blank between them at 40 ms, and it learns slowly: x2.
+    # Feature frames (10 ms) per encoder frame: x4 (40 ms) or x2. Characters at up to 20 per second leave CTC barely
+    # a blank between them at 40 ms: x2 learns more per step, x4 more per second of CPU (egs/synth/asr/RESULTS.md).
     subsampling: int = 4
     dropout: float = 0.1
     ctc: bool = True  # a CTC head on the encoder output (auxiliary loss; drafts for ctc-verify)

@@ -35,16 +35,16 @@ class Encoded:
     audio_lens: Tensor
 
 
-def prompt_positions(num_frames: int, stack: int, subsampling: int = 4) -> int:
+def prompt_positions(num_frames: int, cfg: ModelConfig) -> int:
     """Decoder positions taken by the prompt [BOS] audio [SEP] of an utterance with `num_frames` feature frames
-    (the encoder's subsampling, then `stack` encoder frames per audio embedding)."""
-    frames = max(1, subsampled_lengths(num_frames, subsampling))
-    return -(-frames // stack) + 2
+    (the encoder's subsampling, then `adapter.stack` encoder frames per audio embedding)."""
+    frames = max(1, subsampled_lengths(num_frames, cfg.encoder.subsampling))
+    return -(-frames // cfg.adapter.stack) + 2
 
 
-def fits_decoder(num_frames: int, num_tokens: int, stack: int, max_seq_len: int, subsampling: int = 4) -> bool:
+def fits_decoder(num_frames: int, num_tokens: int, cfg: ModelConfig) -> bool:
     """Whether an utterance's prompt, transcript and EOS fit in the decoder's positions (training)."""
-    return prompt_positions(num_frames, stack, subsampling) + num_tokens + 1 <= max_seq_len
+    return prompt_positions(num_frames, cfg) + num_tokens + 1 <= cfg.decoder.max_seq_len
 
 
 class SpeechLlama(nn.Module):
@@ -62,7 +62,7 @@ class SpeechLlama(nn.Module):
 
     def prompt_length(self, num_frames: int) -> int:
         """Decoder positions taken by the prompt of an utterance with `num_frames` feature frames."""
-        return prompt_positions(num_frames, self.cfg.adapter.stack, self.cfg.encoder.subsampling)
+        return prompt_positions(num_frames, self.cfg)
 
     def max_new_tokens(self, num_frames: int) -> int:
         """Transcript tokens that still fit in the decoder's positions after the prompt (and K drafts)."""

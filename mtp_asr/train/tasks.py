@@ -51,10 +51,7 @@ class SpeechTask(Task):
         # Lhotse wants at least one cut per bucket.
         self.num_buckets = min(cfg.data.num_buckets, kept)
         self.valid_cuts = load_cuts(cfg.data.valid_cuts, "validation") if cfg.data.valid_cuts else None
-        model_cfg = model.cfg
-        self.dataset = AsrDataset(tokenizer, fits=functools.partial(
-            fits_decoder, stack=model_cfg.adapter.stack, max_seq_len=model_cfg.decoder.max_seq_len,
-            subsampling=model_cfg.encoder.subsampling))
+        self.dataset = AsrDataset(tokenizer, fits=functools.partial(fits_decoder, cfg=model.cfg))
 
     def _sampler_args(self, rank, world_size) -> dict:
         return dict(max_duration=self.cfg.data.max_duration, shuffle=True, seed=self.cfg.seed, rank=rank,
