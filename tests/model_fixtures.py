@@ -28,14 +28,15 @@ def single_thread():
 
 def tiny_lm(kind: str = "latent", num_heads: int = 3, vocab: int = 16, dim: int = 16, n_layers: int = 2,
             n_heads: int = 2, n_kv_heads: Optional[int] = 1, seed: int = 0, dtype=torch.float64,
-            randomize: bool = True) -> MTPLanguageModel:
+            randomize: bool = True, prefix_rate: float = 0.0) -> MTPLanguageModel:
     """A decoder LM small enough for hundreds of decodes per second. Grouped-query attention by default, so the
-    cache code runs with fewer key/value heads than query heads. randomize: see `randomize_`."""
+    cache code runs with fewer key/value heads than query heads. randomize: see `randomize_`. prefix_rate > 0:
+    aligned rotary positions for the prompt (see `mtp_asr.model.llama.rotary_positions`)."""
     torch.manual_seed(seed)
     lm = MTPLanguageModel(
         LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                     ffn_dim=2 * dim, max_seq_len=256),
-        HeadsConfig(num_heads=num_heads, kind=kind), BOS, EOS,
+        HeadsConfig(num_heads=num_heads, kind=kind), BOS, EOS, prefix_rate,
     ).to(dtype).eval()
     if randomize:
         randomize_(lm, seed)
@@ -62,7 +63,8 @@ def randomize_(lm: MTPLanguageModel, seed: int) -> None:
 
 
 def tiny_speech_llama(kind: str = "latent", num_heads: int = 3, vocab: int = 24, feat_dim: int = 20,
-                      ctc: bool = True, seed: int = 0, subsampling: int = 4) -> SpeechLlama:
+                      ctc: bool = True, seed: int = 0, subsampling: int = 4,
+                      audio_position_rate: float = 0.0) -> SpeechLlama:
     torch.manual_seed(seed)
     cfg = ModelConfig(
         encoder=EncoderConfig(feat_dim=feat_dim, dim=16, num_layers=2, num_heads=2, ffn_dim=32, conv_kernel=5,
@@ -71,7 +73,7 @@ def tiny_speech_llama(kind: str = "latent", num_heads: int = 3, vocab: int = 24,
         decoder=LlamaConfig(vocab_size=vocab, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32,
                             max_seq_len=256),
         heads=HeadsConfig(num_heads=num_heads, kind=kind),
-        bos_id=BOS, eos_id=EOS,
+        bos_id=BOS, eos_id=EOS, audio_position_rate=audio_position_rate,
     )
     return SpeechLlama(cfg)
 
@@ -95,8 +97,7 @@ def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_head
     while True:
         calls += 1
         seq = torch.cat([prompt, lm.embed(torch.tensor(out + drafts, dtype=torch.long)).to(prompt.dtype)])
-        hidden = lm.decoder(seq[None])
-        states = lm.heads.states(lm.decoder, hidden)
+        states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]))
         first = prompt.shape[0] + len(out) - 1  # the last position that is not a draft
         head1 = lm.heads.logits(lm.decoder, 0, states[0][0, first:]).argmax(-1).tolist()
         accepted = 0

@@ -47,7 +47,7 @@ def reference_beam(lm, prompt, num_heads, threshold, beam_size, limit, length_no
         pool = list(kept)
         for tokens, scored in live:
             seq = torch.cat([prompt, lm.embed(torch.tensor(tokens, dtype=torch.long)).to(prompt.dtype)])
-            states = lm.heads.states(lm.decoder, lm.decoder(seq[None]))
+            states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]))
             logits = [lm.heads.logits(lm.decoder, k, states[k][0, -1]) for k in range(K)]
             tail = []
             for k in range(1, K):
@@ -82,8 +82,9 @@ def _total(h):
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 @pytest.mark.parametrize("method,beam_size,threshold", [("beam", 3, 1.0), ("mtp-beam", 3, 0.3),
                                                          ("mtp-beam", 2, 0.0)])
-def test_matches_cache_free_reference(kind, method, beam_size, threshold):
-    lm = tiny_lm(kind, num_heads=3, seed=60 + HEAD_KINDS.index(kind))
+@pytest.mark.parametrize("rate", [0.0, 1.7], ids=["consecutive", "aligned"])
+def test_matches_cache_free_reference(kind, method, beam_size, threshold, rate):
+    lm = tiny_lm(kind, num_heads=3, seed=60 + HEAD_KINDS.index(kind), prefix_rate=rate)
     prefix, lens, limits = random_batch(lm, 10, 600, max_new=12)
     out = search(lm, prefix, lens, limits, method, beam_size=beam_size, threshold=threshold, length_norm=0.8)
     K = 1 if method == "beam" else 3
@@ -147,7 +148,7 @@ def teacher_forced(lm, prompt, tokens, finished):
     """Per head k (0-based), the log-probabilities at every position of `[prompt] tokens`: row j is the state after
     j transcript tokens. Also returns the scored sequence (tokens, then EOS when finished)."""
     seq = torch.cat([prompt, lm.embed(torch.tensor(tokens, dtype=torch.long)).to(prompt.dtype)])
-    states = lm.heads.states(lm.decoder, lm.decoder(seq[None]))
+    states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]))
     first = prompt.shape[0] - 1
     logps = [torch.log_softmax(lm.heads.logits(lm.decoder, k, states[k][0, first:]), -1) for k in range(len(states))]
     return logps, list(tokens) + ([lm.eos_id] if finished else [])
@@ -180,10 +181,11 @@ def test_beam_is_exact_when_the_beam_covers_the_search_space(length_norm):
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
-def test_nbest_scores_match_teacher_forced_rescoring(kind):
+@pytest.mark.parametrize("rate", [0.0, 1.7], ids=["consecutive", "aligned"])
+def test_nbest_scores_match_teacher_forced_rescoring(kind, rate):
     """Each reported per-token score is head k's log-probability of the token at the recorded position, recomputed
     with one full forward pass; totals, normalised scores, order and endings are consistent."""
-    lm = tiny_lm(kind, num_heads=4, seed=110 + HEAD_KINDS.index(kind))
+    lm = tiny_lm(kind, num_heads=4, seed=110 + HEAD_KINDS.index(kind), prefix_rate=rate)
     prefix, lens, limits = random_batch(lm, 12, 1100, max_new=16)
     length_norm = 0.7
     out = search(lm, prefix, lens, limits, "mtp-beam", beam_size=4, threshold=0.1, length_norm=length_norm)

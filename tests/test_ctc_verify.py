@@ -44,9 +44,10 @@ def test_retokenize_uses_the_tokenizer():
 
 
 @pytest.mark.parametrize("kind", ["latent", "linear", "medusa", "layer"])
-def test_identical_to_greedy_with_random_drafts(kind):
+@pytest.mark.parametrize("rate", [0.0, 1.7], ids=["consecutive", "aligned"])
+def test_identical_to_greedy_with_random_drafts(kind, rate):
     g = torch.Generator().manual_seed(1)
-    lm = tiny_lm(kind=kind, num_heads=3, vocab=16)
+    lm = tiny_lm(kind=kind, num_heads=3, vocab=16, prefix_rate=rate)
     prefix, lens = random_prompts(lm, 12, 6, g)
     ref = greedy_tokens(lm, prefix, lens)
     drafts = [torch.randint(0, 16, (int(torch.randint(0, 25, (), generator=g)),), generator=g).tolist()

@@ -193,8 +193,9 @@ def test_verify_equals_greedy_on_random_models(kind):
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 @pytest.mark.parametrize("method,threshold", [("greedy", 1.0), ("mtp-threshold", 0.3), ("mtp-verify", 1.0)])
-def test_batched_equals_unbatched(kind, method, threshold):
-    lm = tiny_lm(kind, num_heads=3, seed=10 + HEAD_KINDS.index(kind))
+@pytest.mark.parametrize("rate", [0.0, 1.7], ids=["consecutive", "aligned"])
+def test_batched_equals_unbatched(kind, method, threshold, rate):
+    lm = tiny_lm(kind, num_heads=3, seed=10 + HEAD_KINDS.index(kind), prefix_rate=rate)
     prefix, lens, limits = random_batch(lm, 24, 200)
     batched = decode(lm, prefix, lens, limits, method, threshold=threshold)
     alone = decode_alone(lm, prefix, lens, limits, method, threshold=threshold)
@@ -206,9 +207,11 @@ def test_batched_equals_unbatched(kind, method, threshold):
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 @pytest.mark.parametrize("method,threshold", [("greedy", 1.0), ("mtp-threshold", 0.3), ("mtp-verify", 1.0)])
-def test_matches_cache_free_reference(kind, method, threshold):
-    """Tokens and calls equal those of the definitions run with a full forward pass per call (no KV cache)."""
-    lm = tiny_lm(kind, num_heads=3, seed=20 + HEAD_KINDS.index(kind))
+@pytest.mark.parametrize("rate", [0.0, 1.7], ids=["consecutive", "aligned"])
+def test_matches_cache_free_reference(kind, method, threshold, rate):
+    """Tokens and calls equal those of the definitions run with a full forward pass per call (no KV cache), with
+    consecutive and with aligned rotary positions for the prompt."""
+    lm = tiny_lm(kind, num_heads=3, seed=20 + HEAD_KINDS.index(kind), prefix_rate=rate)
     prefix, lens, limits = random_batch(lm, 12, 300)
     out = decode(lm, prefix, lens, limits, method, threshold=threshold)
     for r, hyp in enumerate(out.hyps):

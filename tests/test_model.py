@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from model_fixtures import BOS, EOS, count_params, single_thread, tiny_lm, tiny_speech_llama  # noqa: F401
 from mtp_asr.model.encoder import subsampled_lengths
 from mtp_asr.model.heads import HEAD_KINDS, HeadsConfig, extra_head_params
-from mtp_asr.model.llama import KVCache, RMSNorm
+from mtp_asr.model.llama import KVCache, RMSNorm, rotary_positions
 from mtp_asr.model.lm import IGNORE, mtp_labels
+from mtp_asr.model.speech_llama import fits_decoder
 
 I = IGNORE
 
@@ -202,8 +203,8 @@ def test_cache_select_drops_and_duplicates_rows(kind):
 def test_call_geometry_by_hand():
     cache = KVCache(1, 2, 1, 6, 4, torch.float32, torch.device("cpu"))
     cache.lengths = torch.tensor([0, 2])
-    positions, mask, span = cache.call_geometry(2)
-    assert positions.tolist() == [[0, 1], [2, 3]]
+    slots, positions, mask, span = cache.call_geometry(2)
+    assert slots.tolist() == positions.tolist() == [[0, 1], [2, 3]]
     assert span == 4 and mask.shape == (2, 1, 2, 4)
     assert mask[:, 0].tolist() == [[[True, False, False, False], [True, True, False, False]],
                                    [[True, True, True, False], [True, True, True, True]]]
@@ -211,6 +212,38 @@ def test_call_geometry_by_hand():
     cache.call_geometry(1)  # positions 3 and 5: fits
     with pytest.raises(RuntimeError, match="overflow"):
         cache.call_geometry(2)
+
+
+def test_aligned_rotary_positions_by_hand():
+    """[BOS] a_0 .. a_{A-1} [SEP] y_1 ..: a_j at round(j * rate), [SEP] at 0, y_u at u; BOS at 0."""
+    slots = torch.arange(9).expand(2, -1)
+    prefix_lens = torch.tensor([5, 3])  # A = 3 and A = 1
+    assert rotary_positions(slots, prefix_lens, 0.0).tolist() == [list(range(9))] * 2
+    assert rotary_positions(slots, prefix_lens, 2.4).tolist() == [[0, 0, 2, 5, 0, 1, 2, 3, 4],
+                                                                  [0, 0, 0, 1, 2, 3, 4, 5, 6]]
+    # the cache maps its slots the same way, also after its rows are reordered
+    cache = KVCache(1, 2, 1, 12, 4, torch.float32, torch.device("cpu"), prefix_lens, 2.4)
+    cache.lengths = torch.tensor([3, 1])
+    assert cache.call_geometry(3).positions.tolist() == [[5, 0, 1], [0, 0, 1]]
+    cache.select(torch.tensor([1, 1, 0]))
+    assert cache.call_geometry(1).positions.tolist() == [[0], [0], [5]]
+    with pytest.raises(ValueError, match="prefix lengths"):
+        KVCache(1, 2, 1, 12, 4, torch.float32, torch.device("cpu"), None, 2.4)
+
+
+def test_aligned_audio_positions_must_fit_the_decoder():
+    """With aligned positions the last audio embedding's rotary position round((A-1) * rate) must be below
+    max_seq_len (256 here), or the utterance cannot be trained on nor decoded."""
+    model = tiny_speech_llama(audio_position_rate=10.0)
+    outcomes = set()
+    for frames in (100, 200, 216, 224, 400):
+        audio = model.prompt_length(frames) - 2
+        fits = (audio - 1) * 10 < 256
+        outcomes.add(fits)
+        assert fits_decoder(frames, 5, model.cfg) == fits, frames
+        assert (model.max_new_tokens(frames) > 0) == fits, frames
+    assert outcomes == {True, False}
+    assert tiny_speech_llama().max_new_tokens(400) > 0  # consecutive positions: the slots are the only limit
 
 
 def test_rms_norm_keeps_float64_precision():
@@ -316,9 +349,11 @@ def test_ctc_only_trains_the_encoder_alone():
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
-def test_head_weights_follow_the_formula(kind):
-    """loss = sum_k w_k * mean cross-entropy of head k, each head's targets computed here from the definition."""
-    model = tiny_speech_llama(kind, num_heads=3).double().eval()
+@pytest.mark.parametrize("rate", [0.0, 1.7], ids=["consecutive", "aligned"])
+def test_head_weights_follow_the_formula(kind, rate):
+    """loss = sum_k w_k * mean cross-entropy of head k, each head's targets computed here from the definition (and
+    the rotary positions from `rotary_positions`)."""
+    model = tiny_speech_llama(kind, num_heads=3, audio_position_rate=rate).double().eval()
     with torch.no_grad():
         for p in model.lm.heads.parameters():  # heads that differ from the LM head
             p.add_(0.1 * torch.randn_like(p))
@@ -330,7 +365,8 @@ def test_head_weights_follow_the_formula(kind):
     enc = model.encode(feats, lens)
     prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
     x, _ = model.lm.append_tokens(prefix, prefix_lens, tokens)
-    states = model.lm.heads.states(model.lm.decoder, model.lm.decoder(x))
+    positions = rotary_positions(torch.arange(x.shape[1]).expand(len(tokens), -1), prefix_lens, rate)
+    states = model.lm.heads.states(model.lm.decoder, model.lm.decoder(x, positions=positions), positions=positions)
     want = 0.0
     for k in range(3):
         ces = []
@@ -357,7 +393,7 @@ def test_text_only_lm_forward_uses_bos_prompt():
     out = lm([[5, 6], [7]])
     x, labels = lm.append_tokens(lm.embed(torch.full((2, 1), BOS)), torch.ones(2, dtype=torch.long), [[5, 6], [7]])
     assert labels.tolist() == [[5, 6, EOS], [7, EOS, I]]
-    torch.testing.assert_close(out.loss, lm.mtp_loss(x, labels).loss)
+    torch.testing.assert_close(out.loss, lm.mtp_loss(x, torch.ones(2, dtype=torch.long), labels).loss)
     assert out.head_count.tolist() == [5, 3]
 
 

@@ -37,9 +37,10 @@ def test_word_errors_use_the_normaliser():
 
 
 @pytest.mark.parametrize("kind", ["latent", "layer"])
-def test_rescoring_reproduces_the_search_scores(kind):
+@pytest.mark.parametrize("rate", [0.0, 1.7], ids=["consecutive", "aligned"])
+def test_rescoring_reproduces_the_search_scores(kind, rate):
     """The log-probabilities recomputed with gradient in one teacher-forced pass equal those the search reported."""
-    lm = tiny_lm(kind=kind, num_heads=3, vocab=16)
+    lm = tiny_lm(kind=kind, num_heads=3, vocab=16, prefix_rate=rate)
     prefix, lens = random_prompts(lm, 5, 6, torch.Generator().manual_seed(0))
     out = beam_search(lm, prefix, lens, "mtp-beam", threshold=0.2, max_new_tokens=12, beam_size=3, nbest=3)
     hyps = [h for per_utt in out.nbest for h in per_utt]

@@ -229,6 +229,7 @@ CONFIG_ERRORS = {
     "unknown key": ("optim.learning_rate=1", "train config.optim: unknown key(s) learning_rate"),
     "no time masks": ("spec_augment.frames_per_time_mask=0", "spec_augment.frames_per_time_mask must be >= 1 (got 0)"),
     "odd subsampling": ("model.encoder.subsampling=3", "encoder.subsampling must be 2 or 4 (got 3)"),
+    "negative audio position rate": ("model.audio_position_rate=-1", "audio_position_rate must be >= 0 (got -1.0)"),
 }
 
 

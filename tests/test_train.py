@@ -108,6 +108,28 @@ def test_heads_only_training_leaves_the_rest_untouched(corpus, tmp_path):
             assert torch.equal(v, after[k]), f"{k} should be frozen"
 
 
+def test_auto_audio_position_rate_is_measured_and_saved(corpus, tmp_path):
+    """`model.audio_position_rate: auto` becomes transcript tokens per audio embedding on the training cuts, counted
+    here with the model's own encoder and adapter, and the trained checkpoint keeps that number."""
+    from lhotse import load_manifest
+
+    from mtp_asr.data.dataset import AsrDataset
+    from mtp_asr.model.speech_llama import SpeechLlama
+    from mtp_asr.train.run import resolve_speech_config
+
+    cfg = tiny_train_config(corpus, num_epochs=1, **{"model.audio_position_rate": "auto"})
+    resolved, tokenizer = resolve_speech_config(yaml.safe_load(yaml.safe_dump(cfg)))
+    batch = AsrDataset(tokenizer)[load_manifest(corpus["train"])]
+    with torch.no_grad():
+        embeddings = SpeechLlama(resolved.model).encode(batch["feats"], batch["feat_lens"]).audio_lens.sum()
+    tokens = sum(len(t) for t in batch["tokens"])
+    assert resolved.model.audio_position_rate == round(tokens / int(embeddings), 2) > 0
+    assert train_speech(cfg, tmp_path / "exp") == 0
+    model, _, _ = load_speech_model(tmp_path / "exp" / "epoch-1.pt")
+    assert model.cfg.audio_position_rate == resolved.model.audio_position_rate
+    assert model.lm.prefix_rate == resolved.model.audio_position_rate
+
+
 def test_average_is_the_mean_and_decodes(corpus, tmp_path):
     assert train_speech(tiny_train_config(corpus, num_epochs=2), tmp_path / "exp") == 0
     out = average_epochs(tmp_path / "exp", 2, 2)

@@ -28,6 +28,11 @@ def pad_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return out, lens
 
 
+def cut_text(cut: Cut) -> str:
+    """A cut's transcript: its supervisions' texts, joined."""
+    return " ".join(s.text or "" for s in cut.supervisions).strip()
+
+
 class AsrDataset(torch.utils.data.Dataset):
     """Maps a CutSet (one batch from a sampler) to features, lengths, token ids and texts.
 
@@ -41,7 +46,7 @@ class AsrDataset(torch.utils.data.Dataset):
     def __getitem__(self, cuts: CutSet) -> dict:
         feats, kept, tokens, skipped = [], [], [], 0
         for cut in cuts:
-            text = " ".join(s.text or "" for s in cut.supervisions).strip()
+            text = cut_text(cut)
             ids = None
             if self.tokenizer is not None:
                 if not text:

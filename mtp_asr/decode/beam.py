@@ -138,8 +138,7 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
     if min(limits) < 1:
         raise ValueError(f"max_new_tokens must be >= 1 for beam search (got {min(limits)})")
 
-    cache = lm.decoder.new_cache(n_utts, int(prefix_lens.max()) + max(limits) + K + 1, lm.heads.num_cache_layers,
-                                 dtype=prefix.dtype)
+    cache = lm.new_cache(n_utts, int(prefix_lens.max()) + max(limits) + K + 1, prefix_lens, dtype=prefix.dtype)
     eos, vocab = lm.eos_id, lm.decoder.cfg.vocab_size
     utt_of = list(range(n_utts))  # utterance of each live row
     live = [_Partial((), (), (), (), 0.0, 0.0, row=r) for r in range(n_utts)]

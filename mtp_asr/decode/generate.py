@@ -76,8 +76,8 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     aligners = [DraftAligner(d) for d in draft_sequences(drafts, lm.eos_id)] if method == "ctc-verify" else None
 
     lookahead = max(K, max_draft if aligners else 0)
-    cache = lm.decoder.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * lookahead + 1,
-                                 lm.heads.num_cache_layers, dtype=prefix.dtype)
+    cache = lm.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * lookahead + 1, prefix_lens,
+                         dtype=prefix.dtype)
     rows = torch.arange(B, device=device)  # original row index of each live row
     out = [[] for _ in range(B)]
     calls = [0] * B

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from mtp_asr.model.llama import DecoderLayer, KVCache, LlamaDecoder, RMSNorm
+from mtp_asr.model.llama import DecoderLayer, Geometry, KVCache, LlamaDecoder, RMSNorm, causal_geometry
 
 HEAD_KINDS = ("linear", "latent", "medusa", "layer")
 
@@ -80,9 +80,10 @@ class MTPHeads(nn.Module):
         return self.num_heads - 1 if self.kind == "layer" else 0
 
     def states(self, decoder: LlamaDecoder, hidden: Tensor, cache: Optional[KVCache] = None,
-               geometry=None) -> list:
+               geometry: Optional[Geometry] = None, positions: Optional[Tensor] = None) -> list:
         """Per-head inputs to the un-embedding, [head 1, ..., head K], each (B, T, d), from the trunk output `hidden`
-        (before the final norm). For `layer` heads with a cache, `geometry` must be the call's geometry."""
+        (before the final norm). For `layer` heads with a cache, `geometry` must be the call's geometry; without
+        one, `positions` are the rotary positions the trunk used (default 0..T-1)."""
         normed = decoder.norm(hidden)
         out = [normed]
         if self.kind == "linear":
@@ -93,13 +94,10 @@ class MTPHeads(nn.Module):
             out += [normed + nn.functional.silu(b(normed)) for b in self.blocks]
         elif self.num_heads > 1:
             if cache is None:
-                positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-                mask, span = None, 0
-            else:
-                positions, mask, span = geometry
+                geometry = causal_geometry(hidden, positions)
             base = decoder.cfg.n_layers
             for j, (layer, norm) in enumerate(zip(self.layers, self.norms)):
-                out.append(norm(layer(hidden, decoder.rotary, positions, cache, base + j, mask, span)))
+                out.append(norm(layer(hidden, decoder.rotary, geometry, cache, base + j)))
         return out
 
     def logits(self, decoder: LlamaDecoder, head: int, state: Tensor) -> Tensor:

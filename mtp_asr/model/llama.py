@@ -4,13 +4,13 @@ cache that holds a different number of tokens in each row of a batch.
 Parameter names follow Hugging Face's `LlamaForCausalLM` (minus its `model.` prefix), so its checkpoints load by name.
 
 Per-row cache lengths: row r of the cache holds `lengths[r]` valid positions. A call with T new embeddings writes them
-at positions `lengths[r] .. lengths[r]+T-1` (rotary positions are the same numbers) and query i of row r attends to
-keys `< lengths[r] + i + 1`. The call does not advance `lengths`: the decoding algorithm decides afterwards how many of
+at slots `lengths[r] .. lengths[r]+T-1` and query i of row r attends to keys `< lengths[r] + i + 1`. Rotary positions
+are the slot numbers, or, for a cache made with a prefix rate, those of `rotary_positions`. The call does not advance `lengths`: the decoding algorithm decides afterwards how many of
 the T positions it keeps (`cache.lengths += accepted`); anything past the new length is stale, masked out, and
 overwritten by the next call. Prefill is the same with lengths 0 and right-padded prompts.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,15 +79,46 @@ class Rotary(nn.Module):
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def rotary_positions(slots: Tensor, prefix_lens: Tensor, prefix_rate: float) -> Tensor:
+    """Rotary positions (B, T) of sequence slots (B, T) in rows that start with a prefix of prefix_lens[r] slots.
+
+    prefix_rate 0: the slot numbers. prefix_rate > 0 (the speech prompt `[BOS] a_0 .. a_{A-1} [SEP] y_1 ..`): the
+    last prefix slot ([SEP]) is position 0 and what follows counts from it (y_u at u, as after [BOS] in text), slot 0
+    is 0 and the slots between (a_j) are at round(j * prefix_rate). With the rate set to transcript tokens per audio
+    embedding, a token and the audio that holds it get nearby positions, whatever the length of the audio before it:
+    attention to the audio then needs a small relative offset, not an offset that differs per utterance.
+    """
+    if prefix_rate <= 0:
+        return slots
+    last = (prefix_lens - 1)[:, None]
+    audio = torch.floor((slots - 1).clamp(min=0) * prefix_rate + 0.5).long()
+    return torch.where(slots >= last, slots - last, audio)
+
+
+class Geometry(NamedTuple):
+    """Where a call's T new positions go: cache slots (B, T), rotary positions (B, T), attention mask and key span."""
+
+    slots: Optional[Tensor]
+    positions: Tensor
+    mask: Optional[Tensor]
+    span: int
+
+
 class KVCache:
-    """Preallocated keys and values for `n_layers` attention layers, with a valid length per row."""
+    """Preallocated keys and values for `n_layers` attention layers, with a valid length per row. Rows that start
+    with a prefix of `prefix_lens` slots get the rotary positions of `rotary_positions` with `prefix_rate`."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, prefix_lens: Optional[Tensor] = None,
+                 prefix_rate: float = 0.0):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        if prefix_rate > 0 and prefix_lens is None:
+            raise ValueError("a KV cache with a prefix rate needs the prefix lengths")
+        self.prefix_rate = prefix_rate
+        self.prefix_lens = None if prefix_lens is None else prefix_lens.to(device=device, dtype=torch.long)
 
     @property
     def batch_size(self) -> int:
@@ -102,17 +133,21 @@ class KVCache:
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
         self.lengths = self.lengths.index_select(0, rows)
+        if self.prefix_lens is not None:
+            self.prefix_lens = self.prefix_lens.index_select(0, rows)
 
-    def call_geometry(self, num_new: int) -> tuple[Tensor, Tensor, int]:
-        """Positions (B, T), attention mask (B, 1, T, S) and the key span S for a call adding `num_new` positions."""
+    def call_geometry(self, num_new: int) -> Geometry:
+        """Slots and rotary positions (B, T), attention mask (B, 1, T, S) and key span S of a call adding `num_new`
+        positions."""
         if int(self.lengths.max()) + num_new > self.max_len:
             raise RuntimeError(f"KV cache overflow: {int(self.lengths.max())} + {num_new} > {self.max_len} positions")
         offsets = torch.arange(num_new, device=self.lengths.device)
-        positions = self.lengths[:, None] + offsets  # (B, T)
-        span = int(positions.max()) + 1
+        slots = self.lengths[:, None] + offsets  # (B, T)
+        span = int(slots.max()) + 1
         keys = torch.arange(span, device=self.lengths.device)
-        mask = keys[None, None, :] <= positions[:, :, None]  # (B, T, S)
-        return positions, mask[:, None], span
+        mask = keys[None, None, :] <= slots[:, :, None]  # (B, T, S)
+        positions = slots if self.prefix_lens is None else rotary_positions(slots, self.prefix_lens, self.prefix_rate)
+        return Geometry(slots, positions, mask[:, None], span)
 
 
 class Attention(nn.Module):
@@ -125,18 +160,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, rotary: Rotary, positions: Tensor, cache: Optional[KVCache] = None,
-                layer: int = 0, mask: Optional[Tensor] = None, span: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, geometry: Geometry, cache: Optional[KVCache] = None,
+                layer: int = 0) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = rotary(q, geometry.positions), rotary(k, geometry.positions)
         if cache is not None:
-            rows = torch.arange(B, device=x.device)[:, None]
-            # Advanced indexing puts (B, T) first: the slot for row b, new position i is [b, :, positions[b, i]].
-            cache.k[layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
-            cache.v[layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+            rows, slots, span = torch.arange(B, device=x.device)[:, None], geometry.slots, geometry.span
+            # Advanced indexing puts (B, T) first: the slot for row b, new position i is [b, :, slots[b, i]].
+            cache.k[layer][rows, :, slots] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[layer][rows, :, slots] = v.transpose(1, 2).to(cache.v.dtype)
             k, v = cache.k[layer][:, :, :span], cache.v[layer][:, :, :span]
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -146,7 +181,7 @@ class Attention(nn.Module):
             # Right-padded training batches need no padding mask: causal queries never see the padding after them.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=geometry.mask, dropout_p=p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -170,9 +205,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rotary: Rotary, positions: Tensor, cache: Optional[KVCache] = None,
-                layer: int = 0, mask: Optional[Tensor] = None, span: int = 0) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, positions, cache, layer, mask, span))
+    def forward(self, x: Tensor, rotary: Rotary, geometry: Geometry, cache: Optional[KVCache] = None,
+                layer: int = 0) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, geometry, cache, layer))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -191,25 +226,34 @@ class LlamaDecoder(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.apply(_init_weights)
 
-    def forward(self, x: Tensor, cache: Optional[KVCache] = None, geometry=None) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None, geometry: Optional[Geometry] = None,
+                positions: Optional[Tensor] = None) -> Tensor:
         """Run the layers on embeddings x (B, T, dim); returns the last layer's output before the final norm.
 
-        Without a cache: a causal pass over positions 0..T-1 (training). With a cache: T new positions per row after
-        the cached ones; `geometry` (from `cache.call_geometry(T)`) may be passed in when it is shared with MTP layers.
+        Without a cache: a causal pass over the T slots (training), at rotary `positions` (B, T; default 0..T-1).
+        With a cache: T new positions per row after the cached ones; `geometry` (from `cache.call_geometry(T)`) may be
+        passed in when it is shared with MTP layers.
         """
         if cache is None:
-            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-            mask, span = None, 0
+            geometry = causal_geometry(x, positions)
         else:
-            positions, mask, span = geometry or cache.call_geometry(x.shape[1])
+            geometry = geometry or cache.call_geometry(x.shape[1])
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rotary, positions, cache, i, mask, span)
+            x = layer(x, self.rotary, geometry, cache, i)
         return x
 
-    def new_cache(self, batch: int, max_len: int, extra_layers: int = 0, dtype=None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, extra_layers: int = 0, dtype=None,
+                  prefix_lens: Optional[Tensor] = None, prefix_rate: float = 0.0) -> KVCache:
         p = self.embed_tokens.weight
         return KVCache(self.cfg.n_layers + extra_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                       dtype or p.dtype, p.device)
+                       dtype or p.dtype, p.device, prefix_lens, prefix_rate)
+
+
+def causal_geometry(x: Tensor, positions: Optional[Tensor] = None) -> Geometry:
+    """The geometry of a pass without a cache over x (B, T, ...): rotary `positions`, by default 0..T-1."""
+    if positions is None:
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    return Geometry(None, positions, None, 0)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtp_asr.model.heads import HeadsConfig, MTPHeads
-from mtp_asr.model.llama import LlamaConfig, LlamaDecoder
+from mtp_asr.model.llama import KVCache, LlamaConfig, LlamaDecoder, rotary_positions
 
 IGNORE = -100
 
@@ -45,9 +45,11 @@ def mtp_labels(labels: Tensor, num_heads: int) -> list:
 
 
 class MTPLanguageModel(nn.Module):
-    def __init__(self, decoder: LlamaConfig, heads: HeadsConfig, bos_id: int = 1, eos_id: int = 2):
+    def __init__(self, decoder: LlamaConfig, heads: HeadsConfig, bos_id: int = 1, eos_id: int = 2,
+                 prefix_rate: float = 0.0):
         super().__init__()
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.prefix_rate = prefix_rate  # rotary positions of the prefix: see `mtp_asr.model.llama.rotary_positions`
         self.decoder = LlamaDecoder(decoder)
         self.heads = MTPHeads(heads, self.decoder)
         self.head_weights = heads.weights
@@ -58,6 +60,21 @@ class MTPLanguageModel(nn.Module):
 
     def embed(self, tokens: Tensor) -> Tensor:
         return self.decoder.embed_tokens(tokens)
+
+    def positions(self, prefix_lens: Tensor, num_slots: int) -> Tensor:
+        """Rotary positions (B, num_slots) of sequences that start with prefixes of `prefix_lens` slots."""
+        slots = torch.arange(num_slots, device=prefix_lens.device).expand(len(prefix_lens), -1)
+        return rotary_positions(slots, prefix_lens, self.prefix_rate)
+
+    def new_cache(self, batch: int, max_len: int, prefix_lens: Tensor, dtype=None) -> KVCache:
+        """A KV cache for rows that start with prefixes of `prefix_lens` slots (and this model's MTP layers)."""
+        return self.decoder.new_cache(batch, max_len, self.heads.num_cache_layers, dtype, prefix_lens,
+                                      self.prefix_rate)
+
+    def trunk(self, x: Tensor, prefix_lens: Tensor) -> list:
+        """All heads' states (see `MTPHeads.states`) of a causal pass without a cache over x (B, T, dim)."""
+        positions = self.positions(prefix_lens, x.shape[1])
+        return self.heads.states(self.decoder, self.decoder(x, positions=positions), positions=positions)
 
     # ---- training losses --------------------------------------------------------------------------------------
     def append_tokens(self, prefix: Tensor, prefix_lens: Tensor, tokens: Sequence[Sequence[int]]
@@ -83,11 +100,12 @@ class MTPLanguageModel(nn.Module):
         labels[rows[has_label], (pos - 1)[has_label]] = tok[has_label]
         return x, labels
 
-    def mtp_loss(self, x: Tensor, labels: Tensor, weights: Optional[Sequence[float]] = None) -> LossOutput:
-        """Weighted sum of the heads' mean cross-entropies on inputs x with head-1 labels; plus per-head sums."""
+    def mtp_loss(self, x: Tensor, prefix_lens: Tensor, labels: Tensor, weights: Optional[Sequence[float]] = None
+                 ) -> LossOutput:
+        """Weighted sum of the heads' mean cross-entropies on inputs x (prefixes of `prefix_lens` slots, then the
+        transcripts) with head-1 labels; plus per-head sums."""
         weights = weights or self.head_weights
-        hidden = self.decoder(x)
-        states = self.heads.states(self.decoder, hidden)
+        states = self.trunk(x, prefix_lens)
         K = self.num_heads
         loss = x.new_zeros((), dtype=torch.float32)
         loss_sum, correct, count = (torch.zeros(K, device=x.device) for _ in range(3))
@@ -111,7 +129,7 @@ class MTPLanguageModel(nn.Module):
         after the first `positions[r][i]` transcript tokens. Returns one (n_scored,) tensor per row, the way a beam
         search scored its hypotheses (see mtp_asr.decode.beam), so that MWER can train that very score."""
         x, _ = self.append_tokens(prefix, prefix_lens, tokens)
-        states = self.heads.states(self.decoder, self.decoder(x))
+        states = self.trunk(x, prefix_lens)
         rows, cols, head_idx, targets = [], [], [], []
         for r, (toks, hs, js) in enumerate(zip(tokens, heads, positions)):
             for i, (h, j) in enumerate(zip(hs, js)):
@@ -138,5 +156,6 @@ class MTPLanguageModel(nn.Module):
         B = len(tokens)
         device = self.decoder.embed_tokens.weight.device
         bos = self.decoder.embed_tokens(torch.full((B, 1), self.bos_id, device=device))
-        x, labels = self.append_tokens(bos, torch.ones(B, dtype=torch.long, device=device), tokens)
-        return self.mtp_loss(x, labels, head_weights)
+        prefix_lens = torch.ones(B, dtype=torch.long, device=device)
+        x, labels = self.append_tokens(bos, prefix_lens, tokens)
+        return self.mtp_loss(x, prefix_lens, labels, head_weights)

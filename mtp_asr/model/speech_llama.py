@@ -2,6 +2,8 @@
 
 Prompt per utterance: `[BOS] a_1 .. a_A [SEP] y_1 .. y_U [EOS]`, where [SEP] is a learned embedding (so any tokenizer,
 a pretrained LLM's included, works unchanged). The loss covers the transcript only (see `mtp_asr.model.lm`).
+Rotary positions run through the whole sequence (the paper), or, with `audio_position_rate` > 0, put each transcript
+token near the audio embeddings that hold it (see `mtp_asr.model.llama.rotary_positions`).
 """
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -25,6 +27,15 @@ class ModelConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     bos_id: int = 1
     eos_id: int = 2
+    # Transcript tokens per audio embedding for aligned rotary positions (`mtp_asr.model.llama.rotary_positions`):
+    # audio embedding j at position round(j * rate) and the transcript from 0 after [SEP], so that the decoder finds
+    # the audio of a token at a small relative offset. 0: consecutive positions over the whole prompt (the paper).
+    # `mtp-asr train` accepts "auto": the rate measured on the training cuts.
+    audio_position_rate: float = 0.0
+
+    def __post_init__(self):
+        if self.audio_position_rate < 0:
+            raise ValueError(f"audio_position_rate must be >= 0 (got {self.audio_position_rate})")
 
 
 @dataclass
@@ -44,7 +55,13 @@ def prompt_positions(num_frames: int, cfg: ModelConfig) -> int:
 
 def fits_decoder(num_frames: int, num_tokens: int, cfg: ModelConfig) -> bool:
     """Whether an utterance's prompt, transcript and EOS fit in the decoder's positions (training)."""
-    return prompt_positions(num_frames, cfg) + num_tokens + 1 <= cfg.decoder.max_seq_len
+    return prompt_positions(num_frames, cfg) + num_tokens + 1 <= cfg.decoder.max_seq_len and _audio_fits(num_frames, cfg)
+
+
+def _audio_fits(num_frames: int, cfg: ModelConfig) -> bool:
+    """Whether the last audio embedding's rotary position (aligned positions) is within the decoder's."""
+    last = prompt_positions(num_frames, cfg) - 3
+    return last * cfg.audio_position_rate + 0.5 < cfg.decoder.max_seq_len
 
 
 class SpeechLlama(nn.Module):
@@ -54,7 +71,7 @@ class SpeechLlama(nn.Module):
         self.encoder = SpeechEncoder(cfg.encoder, cfg.decoder.vocab_size)
         self.adapter = Adapter(cfg.adapter, cfg.encoder.dim, cfg.decoder.dim)
         self.sep = nn.Parameter(torch.randn(cfg.decoder.dim) * 0.02)
-        self.lm = MTPLanguageModel(cfg.decoder, cfg.heads, cfg.bos_id, cfg.eos_id)
+        self.lm = MTPLanguageModel(cfg.decoder, cfg.heads, cfg.bos_id, cfg.eos_id, cfg.audio_position_rate)
 
     @property
     def num_heads(self) -> int:
@@ -66,6 +83,8 @@ class SpeechLlama(nn.Module):
 
     def max_new_tokens(self, num_frames: int) -> int:
         """Transcript tokens that still fit in the decoder's positions after the prompt (and K drafts)."""
+        if not _audio_fits(num_frames, self.cfg):
+            return 0
         return self.cfg.decoder.max_seq_len - self.prompt_length(num_frames) - 2 * self.num_heads - 2
 
     def encode(self, feats: Tensor, feat_lens: Tensor) -> Encoded:
@@ -100,7 +119,7 @@ class SpeechLlama(nn.Module):
         enc = self.encode(feats, feat_lens)
         prefix, prefix_lens = self.prompt(enc.audio, enc.audio_lens)
         x, labels = self.lm.append_tokens(prefix, prefix_lens, tokens)
-        out = self.lm.mtp_loss(x, labels, head_weights)
+        out = self.lm.mtp_loss(x, prefix_lens, labels, head_weights)
         if ctc_weight > 0:
             if self.encoder.ctc_head is None:
                 raise ValueError("a CTC weight > 0 needs a model with encoder.ctc: true")

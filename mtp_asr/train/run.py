@@ -1,4 +1,5 @@
 """Entry points behind `mtp-asr train` and `mtp-asr pretrain-lm`: resolve the config, build the model, run the loop."""
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -7,10 +8,11 @@ import torch
 import yaml
 
 from mtp_asr.config import ConfigError, from_dict, to_dict
+from mtp_asr.data.dataset import cut_text, read_cuts
 from mtp_asr.data.tokenizer import Tokenizer
 from mtp_asr.model.build import check_tokenizer, decoder_source_config, init_lm_weights, load_weights
 from mtp_asr.model.lm import MTPLanguageModel
-from mtp_asr.model.speech_llama import SpeechLlama
+from mtp_asr.model.speech_llama import ModelConfig, SpeechLlama, prompt_positions
 from mtp_asr.train.checkpoint import load_checkpoint
 from mtp_asr.train.config import LMTrainConfig, SpeechTrainConfig
 from mtp_asr.train.tasks import SpeechTask, TextTask
@@ -56,7 +58,29 @@ def resolve_speech_config(data: dict) -> tuple[SpeechTrainConfig, Tokenizer]:
         tokenizer = _tokenizer(data.get("data", {}).get("tokenizer", ""), "train")
     _fill_decoder(decoder, tokenizer, "model.decoder")
     model["bos_id"], model["eos_id"] = tokenizer.bos_id, tokenizer.eos_id
-    return from_dict(SpeechTrainConfig, data, "train config"), tokenizer
+    auto_rate = model.get("audio_position_rate") == "auto"
+    if auto_rate:
+        model["audio_position_rate"] = 0.0
+    cfg = from_dict(SpeechTrainConfig, data, "train config")
+    if auto_rate:
+        cfg.model.audio_position_rate = measure_audio_position_rate(cfg.data.train_cuts, tokenizer, cfg.model)
+    return cfg, tokenizer
+
+
+def measure_audio_position_rate(cut_paths, tokenizer: Tokenizer, model: ModelConfig, max_cuts: int = 5000) -> float:
+    """Transcript tokens per audio embedding on (the first `max_cuts` of) the training cuts, to 2 decimals."""
+    cuts = itertools.islice(itertools.chain.from_iterable(read_cuts(p, lazy=True) for p in cut_paths), max_cuts)
+    tokens = embeddings = n = 0
+    for n, cut in enumerate(cuts, 1):
+        tokens += len(tokenizer.encode(cut_text(cut)))
+        embeddings += prompt_positions(cut.num_frames or round(cut.duration * 100), model) - 2
+    if not tokens:
+        raise ConfigError(f"model.audio_position_rate: auto needs transcribed training cuts; {list(cut_paths)} "
+                          "hold none")
+    rate = round(tokens / embeddings, 2)
+    logger.info("model.audio_position_rate: auto = %.2f transcript tokens per audio embedding (%d training cuts)",
+                rate, n)
+    return rate
 
 
 def train_speech(config: dict, exp_dir, resume: bool = True, ctc_only: bool = False) -> int:
