@@ -215,30 +215,30 @@ def test_call_geometry_by_hand():
 
 
 def test_aligned_rotary_positions_by_hand():
-    """[BOS] a_0 .. a_{A-1} [SEP] y_1 ..: a_j at round(j * rate), [SEP] at 0, y_u at u; BOS at 0."""
+    """[BOS] a_0 .. a_{A-1} [SEP] y_1 ..: BOS at 0, a_j at 1 + round(j * rate), [SEP] at 1, y_u at 1 + u."""
     slots = torch.arange(9).expand(2, -1)
     prefix_lens = torch.tensor([5, 3])  # A = 3 and A = 1
     assert rotary_positions(slots, prefix_lens, 0.0).tolist() == [list(range(9))] * 2
-    assert rotary_positions(slots, prefix_lens, 2.4).tolist() == [[0, 0, 2, 5, 0, 1, 2, 3, 4],
-                                                                  [0, 0, 0, 1, 2, 3, 4, 5, 6]]
+    assert rotary_positions(slots, prefix_lens, 2.4).tolist() == [[0, 1, 3, 6, 1, 2, 3, 4, 5],
+                                                                  [0, 1, 1, 2, 3, 4, 5, 6, 7]]
     # the cache maps its slots the same way, also after its rows are reordered
     cache = KVCache(1, 2, 1, 12, 4, torch.float32, torch.device("cpu"), prefix_lens, 2.4)
     cache.lengths = torch.tensor([3, 1])
-    assert cache.call_geometry(3).positions.tolist() == [[5, 0, 1], [0, 0, 1]]
+    assert cache.call_geometry(3).positions.tolist() == [[6, 1, 2], [1, 1, 2]]
     cache.select(torch.tensor([1, 1, 0]))
-    assert cache.call_geometry(1).positions.tolist() == [[0], [0], [5]]
+    assert cache.call_geometry(1).positions.tolist() == [[1], [1], [6]]
     with pytest.raises(ValueError, match="prefix lengths"):
         KVCache(1, 2, 1, 12, 4, torch.float32, torch.device("cpu"), None, 2.4)
 
 
 def test_aligned_audio_positions_must_fit_the_decoder():
-    """With aligned positions the last audio embedding's rotary position round((A-1) * rate) must be below
+    """With aligned positions the last audio embedding's rotary position 1 + round((A-1) * rate) must be below
     max_seq_len (256 here), or the utterance cannot be trained on nor decoded."""
     model = tiny_speech_llama(audio_position_rate=10.0)
     outcomes = set()
     for frames in (100, 200, 216, 224, 400):
         audio = model.prompt_length(frames) - 2
-        fits = (audio - 1) * 10 < 256
+        fits = 1 + (audio - 1) * 10 < 256
         outcomes.add(fits)
         assert fits_decoder(frames, 5, model.cfg) == fits, frames
         assert (model.max_new_tokens(frames) > 0) == fits, frames

@@ -82,17 +82,19 @@ class Rotary(nn.Module):
 def rotary_positions(slots: Tensor, prefix_lens: Tensor, prefix_rate: float) -> Tensor:
     """Rotary positions (B, T) of sequence slots (B, T) in rows that start with a prefix of prefix_lens[r] slots.
 
-    prefix_rate 0: the slot numbers. prefix_rate > 0 (the speech prompt `[BOS] a_0 .. a_{A-1} [SEP] y_1 ..`): the
-    last prefix slot ([SEP]) is position 0 and what follows counts from it (y_u at u, as after [BOS] in text), slot 0
-    is 0 and the slots between (a_j) are at round(j * prefix_rate). With the rate set to transcript tokens per audio
-    embedding, a token and the audio that holds it get nearby positions, whatever the length of the audio before it:
-    attention to the audio then needs a small relative offset, not an offset that differs per utterance.
+    prefix_rate 0: the slot numbers. prefix_rate > 0 (the speech prompt `[BOS] a_0 .. a_{A-1} [SEP] y_1 ..`, at
+    least 2 slots of prefix): slot 0 ([BOS]) stays at 0, a_j goes to 1 + round(j * prefix_rate), and the last prefix
+    slot ([SEP]) to 1, what follows counting on from it (y_u at 1 + u). With the rate set to transcript tokens per
+    audio embedding, a token and the audio that holds it get nearby positions, whatever the length of the audio before
+    it: attention to the audio then needs a small relative offset, not one that differs per utterance. (Measured on
+    the demo: this layout trained better than [BOS], [SEP] and a_0 all at 0 with y_u at u; see its RESULTS.md.)
     """
     if prefix_rate <= 0:
         return slots
     last = (prefix_lens - 1)[:, None]
-    audio = torch.floor((slots - 1).clamp(min=0) * prefix_rate + 0.5).long()
-    return torch.where(slots >= last, slots - last, audio)
+    audio = 1 + torch.floor((slots - 1) * prefix_rate + 0.5).long()
+    positions = torch.where(slots >= last, slots - last + 1, audio)
+    return torch.where(slots == 0, torch.zeros_like(positions), positions)
 
 
 class Geometry(NamedTuple):

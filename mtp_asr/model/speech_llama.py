@@ -28,7 +28,7 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     # Transcript tokens per audio embedding for aligned rotary positions (`mtp_asr.model.llama.rotary_positions`):
-    # audio embedding j at position round(j * rate) and the transcript from 0 after [SEP], so that the decoder finds
+    # audio embedding j at position 1 + round(j * rate) and the transcript from 1 at [SEP], so that the decoder finds
     # the audio of a token at a small relative offset. 0: consecutive positions over the whole prompt (the paper).
     # `mtp-asr train` accepts "auto": the rate measured on the training cuts.
     audio_position_rate: float = 0.0
@@ -60,8 +60,10 @@ def fits_decoder(num_frames: int, num_tokens: int, cfg: ModelConfig) -> bool:
 
 def _audio_fits(num_frames: int, cfg: ModelConfig) -> bool:
     """Whether the last audio embedding's rotary position (aligned positions) is within the decoder's."""
-    last = prompt_positions(num_frames, cfg) - 3
-    return last * cfg.audio_position_rate + 0.5 < cfg.decoder.max_seq_len
+    if cfg.audio_position_rate <= 0:
+        return True
+    last = prompt_positions(num_frames, cfg) - 3  # j of the last audio embedding, at 1 + round(j * rate)
+    return last * cfg.audio_position_rate + 0.5 < cfg.decoder.max_seq_len - 1
 
 
 class SpeechLlama(nn.Module):
