@@ -33,6 +33,11 @@ def cut_text(cut: Cut) -> str:
     return " ".join(s.text or "" for s in cut.supervisions).strip()
 
 
+def cut_frames(cut: Cut) -> int:
+    """A cut's feature frames (10 ms shift), from its features or, before they exist, its duration."""
+    return cut.num_frames or round(cut.duration * 100)
+
+
 class AsrDataset(torch.utils.data.Dataset):
     """Maps a CutSet (one batch from a sampler) to features, lengths, token ids and texts.
 

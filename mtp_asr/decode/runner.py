@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mtp_asr.data.dataset import AsrDataset
+from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
 from mtp_asr.decode.drafts import ctc_greedy
 from mtp_asr.decode.generate import METHODS, generate
@@ -165,7 +165,7 @@ def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, b
     for group in batches:
         fits = []
         for cut in group:
-            if model.max_new_tokens(cut.num_frames or round(cut.duration * 100)) >= 1:
+            if model.max_new_tokens(cut_frames(cut)) >= 1:
                 fits.append(cut)
             else:
                 logger.warning("skipping cut %s: %.1f s of audio is too long for the decoder (max_seq_len %d)",

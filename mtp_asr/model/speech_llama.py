@@ -55,7 +55,8 @@ def prompt_positions(num_frames: int, cfg: ModelConfig) -> int:
 
 def fits_decoder(num_frames: int, num_tokens: int, cfg: ModelConfig) -> bool:
     """Whether an utterance's prompt, transcript and EOS fit in the decoder's positions (training)."""
-    return prompt_positions(num_frames, cfg) + num_tokens + 1 <= cfg.decoder.max_seq_len and _audio_fits(num_frames, cfg)
+    slots_fit = prompt_positions(num_frames, cfg) + num_tokens + 1 <= cfg.decoder.max_seq_len
+    return slots_fit and _audio_fits(num_frames, cfg)
 
 
 def _audio_fits(num_frames: int, cfg: ModelConfig) -> bool:

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from mtp_asr.config import ConfigError, from_dict, to_dict
-from mtp_asr.data.dataset import cut_text, read_cuts
+from mtp_asr.data.dataset import cut_frames, cut_text, read_cuts
 from mtp_asr.data.tokenizer import Tokenizer
 from mtp_asr.model.build import check_tokenizer, decoder_source_config, init_lm_weights, load_weights
 from mtp_asr.model.lm import MTPLanguageModel
@@ -73,7 +73,7 @@ def measure_audio_position_rate(cut_paths, tokenizer: Tokenizer, model: ModelCon
     tokens = embeddings = n = 0
     for n, cut in enumerate(cuts, 1):
         tokens += len(tokenizer.encode(cut_text(cut)))
-        embeddings += prompt_positions(cut.num_frames or round(cut.duration * 100), model) - 2
+        embeddings += prompt_positions(cut_frames(cut), model) - 2
     if not tokens:
         raise ConfigError(f"model.audio_position_rate: auto needs transcribed training cuts; {list(cut_paths)} "
                           "hold none")
