@@ -45,7 +45,8 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
     recipe = recipe_copy("synth", tmp_path / "with space")
     first = run(recipe, "--quick", "true")
     rows = summary_rows(recipe)
-    models = {"avg-epoch-3-avg-2", "checkpoint-4"}  # the averaged model, and the MWER model after its 4 steps
+    # the averaged model with self-distilled heads, and the MWER model after its 4 steps
+    models = {"avg-epoch-3-avg-2-distilled", "checkpoint-4"}
     assert {r["checkpoint"] for r in rows} == models
     for test_set in ("test", "test_unseen_voice"):
         for model in models:
@@ -59,15 +60,15 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
                 if r["method"] in ("mtp-verify", "ctc-verify"):
                     assert r["wer"] == greedy["wer"]  # lossless methods
                     assert r["num_decoder_calls"] < greedy["num_decoder_calls"]
-    assert "| test | avg-epoch-3-avg-2 | greedy |" in first.stdout
-    assert "stage 10: mwer" in first.stdout
+    assert "| test | avg-epoch-3-avg-2-distilled | greedy |" in first.stdout
+    assert "stage 11: mwer" in first.stdout and "agree with greedy decoding" in first.stderr
     assert (recipe / "exp" / "mwer" / "tensorboard").is_dir()
     for name in ("recogs", "errs", "wer-summary", "summary"):
         assert list((recipe / "exp" / "asr" / "decode" / "greedy").glob(f"{name}-test-*")), name
 
     # A rerun skips every finished stage.
     again = run(recipe, "--quick", "true")
-    assert again.stdout.count("already done") >= 11
+    assert again.stdout.count("already done") >= 12
 
     # A failed stage leaves no marker; the rerun resumes there and only there.
     (recipe / "exp" / ".done" / "average").unlink()
@@ -126,9 +127,9 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
                "--thresholds", "0.8", "--decode-batch-size", 4)
     rows = summary_rows(recipe)
     assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
-    base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2"}
+    base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2-distilled"}
     assert base == {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"}
     assert {r["method"] for r in rows if r["checkpoint"] == "epoch-1"} == {"greedy", "mtp-verify", "mtp-beam"}  # MWER
     assert all(r["num_utts"] == 3 for r in rows)
     assert (recipe / "data" / "manifests" / "cuts_train-clean-100.jsonl.gz").is_file()
-    assert "stage 10: results table" in proc.stdout
+    assert "stage 7: distill" in proc.stdout and "stage 11: results table" in proc.stdout

@@ -1,4 +1,5 @@
-"""Training commands: `pretrain-lm`, `train`, `average`, `export` (thin wrappers over mtp_asr.train)."""
+"""Training commands: `pretrain-lm`, `train`, `mwer`, `average`, `distill-heads`, `export` (thin wrappers over
+mtp_asr.train)."""
 import sys
 from pathlib import Path
 
@@ -95,6 +96,35 @@ def average_cmd(exp_dir, epoch, avg, out):
     from mtp_asr.train.average import average_epochs
 
     average_epochs(exp_dir, epoch, avg, out)
+
+
+@main.command("distill-heads")
+@click.option("--checkpoint", type=CONFIG, required=True, help="The trained model (e.g. exp/asr/avg-epoch-E-avg-A.pt).")
+@click.option("--cuts", "manifests", type=CONFIG, multiple=True, required=True,
+              help="Cuts with features to decode for the self-labels (usually the training cuts); repeatable.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The model with distilled heads (model only, like `average` writes).")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Optimizer steps on heads 2..K, one batch of cached states each.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Utterances per batch when decoding and caching.")
+@click.option("--max-cuts", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Use a random subset of N cuts at most: the trunk's states of all of them are held in memory.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@library_call
+def distill_heads_cmd(checkpoint, manifests, out, steps, lr, batch_size, max_cuts, device):
+    """Self-distil MTP heads 2..K: teach them the model's own greedy output instead of the reference transcripts.
+
+    The cuts are decoded (mtp-verify, the same tokens as greedy), the frozen model is run once teacher-forced on
+    those tokens, and heads 2..K alone are fitted to predict them. Head 1 and the trunk stay as they are, so greedy,
+    mtp-verify and ctc-verify transcripts do not change; verification accepts more drafts. Logs how often each head
+    agrees with greedy decoding on held-out batches, before and after.
+    """
+    from mtp_asr.decode.run import pick_device
+    from mtp_asr.train.distill import DistillSettings, distill_heads
+
+    distill_heads(checkpoint, manifests, out, DistillSettings(steps, lr, batch_size, max_cuts), pick_device(device))
 
 
 @main.command("export")

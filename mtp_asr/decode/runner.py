@@ -79,6 +79,7 @@ class DecodeResult:
     results: list = field(default_factory=list)  # (cut_id, reference, hypothesis)
     tokens: dict = field(default_factory=dict)  # cut_id -> token ids
     calls: dict = field(default_factory=dict)  # cut_id -> decoder calls
+    finished: dict = field(default_factory=dict)  # cut_id -> whether EOS ended it (False: the length limit)
     nbest: dict = field(default_factory=dict)  # cut_id -> N-best list of dicts (beam methods only)
     num_tokens: int = 0
     num_decoder_calls: int = 0  # summed over utterances (batch-independent)
@@ -189,6 +190,7 @@ def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, b
             res.results.append((cut_id, ref, tokenizer.decode(hyp.tokens)))
             res.tokens[cut_id] = hyp.tokens
             res.calls[cut_id] = hyp.decoder_calls
+            res.finished[cut_id] = hyp.finished
             res.num_tokens += len(hyp.tokens)
             res.num_decoder_calls += hyp.decoder_calls
             if settings.is_beam:

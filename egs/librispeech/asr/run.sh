@@ -19,6 +19,8 @@ train_conf=conf/train_125m.yaml
 lm_epochs=10
 asr_epochs=30
 avg=5
+distill_steps=2000 # self-distillation of heads 2..K (stage 7); 0 skips it
+distill_cuts=5000  # training cuts decoded for it
 ngpu=auto          # processes for torchrun (auto: the number of GPUs, 1 without any)
 thresholds="0.6 0.8 0.9"
 decode_batch_size=32
@@ -40,19 +42,22 @@ Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done 
      LM corpus with --train-args '--set data.train_text=[...,librispeech-lm-norm.txt]')
   5  train Speech-LLaMA (exp/asr; torchrun over --ngpu processes)
   6  average the last --avg epochs
-  7  decode the test parts: greedy, mtp-threshold (a sweep), mtp-verify, ctc-verify, beam, mtp-beam
-  8  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
-  9  decode the MWER model: greedy, mtp-verify, mtp-beam
-  10 results table: exp/summary.json and exp/summary.md
+  7  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
+     skips it; greedy output does not change)
+  8  decode the test parts: greedy, mtp-threshold (a sweep), mtp-verify, ctc-verify, beam, mtp-beam
+  9  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
+  10 decode the MWER model: greedy, mtp-verify, mtp-beam
+  11 results table: exp/summary.json and exp/summary.md
 
 Options (default):
   --corpus-dir ($corpus_dir)  --train-parts ($train_parts)
   --dev-parts ($dev_parts)  --test-parts ($test_parts)  --nj ($nj)
   --vocab-size ($vocab_size)  --hf-llm (none)  --lm-conf ($lm_conf)  --train-conf ($train_conf)
   --lm-epochs ($lm_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)  --ngpu ($ngpu)
+  --distill-steps ($distill_steps)  --distill-cuts ($distill_cuts)
   --thresholds (\"$thresholds\")  --decode-batch-size ($decode_batch_size)  --device ($device)
   --beam-size ($beam_size)  --beam-threshold ($beam_threshold)  --mwer-conf ($mwer_conf)  --mwer-epochs ($mwer_epochs)
-  --train-args (\"\")  extra --set overrides for stages 4, 5 and 8
+  --train-args (\"\")  extra --set overrides for stages 4, 5 and 9
 "
 
 . tools/parse_options.sh
@@ -147,15 +152,27 @@ if should_run 5 asr; then
   mark_done asr
 fi
 
-model=exp/asr/avg-epoch-$asr_epochs-avg-$avg.pt
+averaged=exp/asr/avg-epoch-$asr_epochs-avg-$avg.pt
 if should_run 6 average; then
-  mtp-asr average --exp-dir exp/asr --epoch "$asr_epochs" --avg "$avg" --out "$model"
+  mtp-asr average --exp-dir exp/asr --epoch "$asr_epochs" --avg "$avg" --out "$averaged"
   mark_done average
+fi
+
+model=$averaged
+if [ "$distill_steps" -gt 0 ]; then
+  model=${averaged%.pt}-distilled.pt
+  if should_run 7 distill; then
+    cuts_args=()
+    for p in $train_cuts; do cuts_args+=(--cuts "data/fbank/cuts_$p.jsonl.gz"); done
+    mtp-asr distill-heads --checkpoint "$averaged" "${cuts_args[@]}" --out "$model" --steps "$distill_steps" --max-cuts "$distill_cuts" --batch-size "$decode_batch_size" \
+      --device "$device"
+    mark_done distill
+  fi
 fi
 
 decode_sets=$(existing $test_parts)
 
-if should_run 7 decode; then
+if should_run 8 decode; then
   threshold_args=()
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
   decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}"
@@ -163,7 +180,7 @@ if should_run 7 decode; then
   mark_done decode
 fi
 
-if should_run 8 mwer; then
+if should_run 9 mwer; then
   # shellcheck disable=SC2086
   train mwer -c "$mwer_conf" --init "$model" --exp-dir exp/mwer --set "num_epochs=$mwer_epochs" \
     --set "beam_size=$beam_size" --set "threshold=$beam_threshold" --set "data.train_cuts=$(list_arg $train_cuts)" \
@@ -171,14 +188,14 @@ if should_run 8 mwer; then
   mark_done mwer
 fi
 
-if should_run 9 mwer_decode; then
+if should_run 10 mwer_decode; then
   mwer_model=exp/mwer/epoch-$mwer_epochs.pt
   decode_all "$mwer_model" exp/mwer/decode "greedy mtp-verify"
   decode_all "$mwer_model" exp/mwer/decode mtp-beam --beam-size "$beam_size" --threshold "$beam_threshold"
   mark_done mwer_decode
 fi
 
-if [ "$stage" -le 10 ] && [ "$stop_stage" -ge 10 ]; then
-  log "stage 10: results table"
+if [ "$stage" -le 11 ] && [ "$stop_stage" -ge 11 ]; then
+  log "stage 11: results table"
   mtp-asr summarize exp/asr/decode exp/mwer/decode --out exp/summary.json
 fi

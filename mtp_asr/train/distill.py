@@ -1,0 +1,177 @@
+"""`mtp-asr distill-heads`: self-distillation of MTP heads 2..K on a frozen model (beyond the paper; the
+self-distillation of Medusa-2, Cai et al. 2024).
+
+Why: `mtp-verify` accepts head k's draft when it equals the token greedy decoding emits there, so what greedy
+decoding emits, not the reference transcript, is what heads 2..K must predict. Wherever the model is not perfect
+the two differ, and heads trained on references spend their capacity on tokens the trunk will not emit. Here they
+learn the model's own continuation instead (measured on the demo in egs/synth/asr/RESULTS.md).
+
+1. Self-labels: the cuts decoded with `mtp-verify` (exactly greedy's tokens, in fewer decoder calls).
+2. Cache: one teacher-forced pass of the frozen model over the self-labels keeps, per batch, the trunk's last hidden
+   states, their rotary positions and the heads' labels (a hypothesis stopped at the length limit gets no EOS
+   target: the model never emitted one there).
+3. Fit: AdamW on heads 2..K alone over the cached batches. Every 20th batch is held out to report how often each
+   head agrees with greedy decoding, before and after.
+
+Head 1 and the trunk are not touched, so greedy, mtp-verify and ctc-verify transcripts stay exactly the same (only
+their decoder calls change); mtp-threshold and mtp-beam, which trust the heads' probabilities, change.
+"""
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from lhotse import CutSet
+
+from mtp_asr.data.dataset import AsrDataset, read_cuts
+from mtp_asr.decode.runner import DecodeSettings, batches_by_size, decode_cuts
+from mtp_asr.model.build import load_speech_model
+from mtp_asr.model.lm import IGNORE, mtp_labels
+from mtp_asr.model.speech_llama import SpeechLlama
+from mtp_asr.train.average import MODEL_KEYS
+from mtp_asr.train.checkpoint import load_checkpoint, save_checkpoint
+from mtp_asr.utils import Progress
+
+logger = logging.getLogger("mtp_asr")
+HOLD_OUT_EVERY = 20  # every 20th cached batch measures agreement instead of training
+
+
+@dataclass
+class DistillSettings:
+    steps: int = 2000  # optimizer steps, one cached batch each
+    lr: float = 3e-3
+    batch_size: int = 16  # utterances per batch when labelling and caching
+    max_cuts: int = 5000  # the cache holds every cut's hidden states in memory: a random subset of at most this many
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.max_cuts < 1:
+            raise ValueError("distill-heads: --steps, --lr, --batch-size and --max-cuts must be positive")
+
+
+@dataclass
+class CachedBatch:
+    hidden: torch.Tensor  # (B, T, d) the trunk's last hidden states (before the final norm)
+    positions: torch.Tensor  # (B, T) their rotary positions
+    labels: list  # per head (1..K), (B, T) token ids or IGNORE
+
+
+@torch.inference_mode()
+def self_labels(model: SpeechLlama, tokenizer, cuts, batch_size: int) -> dict:
+    """cut id -> (greedy tokens, whether EOS ended them), decoded with mtp-verify (the same tokens as greedy)."""
+    res = decode_cuts(model, tokenizer, cuts, DecodeSettings("mtp-verify"), batch_size, desc="self-labels")
+    return {cut_id: (res.tokens[cut_id], res.finished[cut_id]) for cut_id in res.tokens}
+
+
+@torch.inference_mode()
+def cache_trunk(model: SpeechLlama, cuts, labels: dict, batch_size: int) -> list:
+    """Teacher-forced hidden states of the frozen trunk on each cut's self-labels (cuts without one are left out)."""
+    lm, device = model.lm, next(model.parameters()).device
+    dataset = AsrDataset(None)
+    cached = []
+    todo = [c for c in cuts if c.id in labels]
+    bar = Progress("caching trunk states", total=len(todo), unit="utts")
+    for group in batches_by_size(todo, batch_size):
+        batch = dataset[group]
+        if not batch["cut_ids"]:
+            continue
+        enc = model.encode(batch["feats"].to(device), batch["feat_lens"].to(device))
+        prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
+        tokens = [labels[c][0] for c in batch["cut_ids"]]
+        x, head1 = lm.append_tokens(prefix, prefix_lens, tokens)
+        for row, cut_id in enumerate(batch["cut_ids"]):
+            if not labels[cut_id][1]:  # stopped at the length limit: no EOS target
+                head1[row, prefix_lens[row] + len(tokens[row]) - 1] = IGNORE
+        positions = lm.positions(prefix_lens, x.shape[1])
+        hidden = lm.decoder(x, positions=positions)
+        cached.append(CachedBatch(hidden.clone(), positions.clone(), mtp_labels(head1, lm.num_heads)))
+        bar.update(len(group))
+    bar.close()
+    return cached
+
+
+def _head_logits(lm, batch: CachedBatch) -> list:
+    """Logits (N_k, V) and labels (N_k,) of heads 2..K at the positions that have a label."""
+    states = lm.heads.states(lm.decoder, batch.hidden, positions=batch.positions)
+    out = []
+    for k in range(1, lm.num_heads):
+        sel = batch.labels[k] != IGNORE
+        out.append((lm.heads.logits(lm.decoder, k, states[k][sel]).float(), batch.labels[k][sel]))
+    return out
+
+
+@torch.no_grad()
+def agreement(lm, batches: list) -> list:
+    """Per head 2..K: the fraction of labelled positions where its argmax is the greedy token."""
+    right = torch.zeros(lm.num_heads - 1)
+    total = torch.zeros(lm.num_heads - 1)
+    for batch in batches:
+        for k, (logits, lab) in enumerate(_head_logits(lm, batch)):
+            right[k] += (logits.argmax(-1) == lab).sum().cpu()
+            total[k] += len(lab)
+    return (right / total.clamp(min=1)).tolist()
+
+
+def fit_heads(lm, batches: list, steps: int, lr: float, seed: int = 0) -> None:
+    """AdamW on heads 2..K only, over `batches` in a fresh random order each pass."""
+    params = list(lm.heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    weights = lm.head_weights
+    g = torch.Generator().manual_seed(seed)
+    order: list = []
+    bar = Progress("fitting heads", total=steps, unit="steps")
+    for step in range(steps):
+        if not order:
+            order = torch.randperm(len(batches), generator=g).tolist()
+        loss = sum(weights[k + 1] * F.cross_entropy(logits, lab)
+                   for k, (logits, lab) in enumerate(_head_logits(lm, batches[order.pop()])) if len(lab))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update(1, f"loss {loss.detach().item():.3f}")
+    bar.close()
+
+
+def distill_heads(checkpoint: Path, manifests: Sequence[Path], out: Path, settings: DistillSettings,
+                  device: Optional[torch.device] = None) -> dict:
+    """Self-distil heads 2..K of `checkpoint` on the cuts of `manifests`; write the model to `out` (model only,
+    decodable on its own, written atomically). Returns the held-out agreement per head, before and after."""
+    model, tokenizer, _ = load_speech_model(checkpoint, device or "cpu")
+    lm = model.lm
+    if lm.num_heads < 2:
+        raise ValueError(f"{checkpoint} has one head (plain next-token prediction): there are no heads to distil")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in lm.heads.parameters():
+        p.requires_grad_(True)
+    cuts = CutSet.from_cuts(c for m in manifests for c in read_cuts(m))
+    if len(cuts) > settings.max_cuts:  # a random subset: manifests are often sorted by speaker or corpus part
+        cuts = CutSet.from_cuts(random.Random(settings.seed).sample(list(cuts), settings.max_cuts))
+    labels = self_labels(model, tokenizer, cuts, settings.batch_size)
+    cached = cache_trunk(model, cuts, labels, settings.batch_size)
+    cached = [b for b in cached if (b.labels[-1] != IGNORE).any()]  # the last head has the fewest labels
+    steps = settings.steps if cached else 0
+    before = after = []
+    if cached:
+        held_out = cached[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] or cached[:1]
+        train = [b for i, b in enumerate(cached) if (i + 1) % HOLD_OUT_EVERY or len(cached) == 1]
+        before = agreement(lm, held_out)
+        fit_heads(lm, train, steps, settings.lr, settings.seed)
+        after = agreement(lm, held_out)
+        logger.info("heads 2..%d agree with greedy decoding on held-out positions: %s before, %s after",
+                    lm.num_heads, " / ".join(f"{a:.3f}" for a in before), " / ".join(f"{a:.3f}" for a in after))
+    else:  # an untrained model; a recipe goes on with the heads as they are
+        logger.warning("%s: every greedy transcript is shorter than %d tokens, so heads 2..%d have nothing to learn: "
+                       "they are written unchanged", checkpoint, lm.num_heads, lm.num_heads)
+    src = load_checkpoint(checkpoint, mmap=True)
+    state = {k: src[k] for k in MODEL_KEYS if k in src}
+    state["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    report = {"checkpoint": str(checkpoint), "cuts": [str(m) for m in manifests], "num_cuts": len(labels),
+              "steps": steps, "lr": settings.lr, "agreement_before": before, "agreement_after": after}
+    state["distilled_heads"] = report
+    save_checkpoint(out, state)
+    logger.info("wrote %s", out)
+    return report
