@@ -66,7 +66,7 @@ def self_labels(model: SpeechLlama, tokenizer, cuts, batch_size: int) -> dict:
     return {cut_id: (res.tokens[cut_id], res.finished[cut_id]) for cut_id in res.tokens}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: the cached tensors become inputs of the heads' backward pass
 def cache_trunk(model: SpeechLlama, cuts, labels: dict, batch_size: int) -> list:
     """Teacher-forced hidden states of the frozen trunk on each cut's self-labels (cuts without one are left out)."""
     lm, device = model.lm, next(model.parameters()).device
@@ -87,7 +87,7 @@ def cache_trunk(model: SpeechLlama, cuts, labels: dict, batch_size: int) -> list
                 head1[row, prefix_lens[row] + len(tokens[row]) - 1] = IGNORE
         positions = lm.positions(prefix_lens, x.shape[1])
         hidden = lm.decoder(x, positions=positions)
-        cached.append(CachedBatch(hidden.clone(), positions.clone(), mtp_labels(head1, lm.num_heads)))
+        cached.append(CachedBatch(hidden, positions, mtp_labels(head1, lm.num_heads)))
         bar.update(len(group))
     bar.close()
     return cached
