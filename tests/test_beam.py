@@ -335,3 +335,48 @@ def test_decode_and_benchmark_commands(tmp_path):
                                            "ctc-verify-D32", "beam-B2", "mtp-beam-tau0.5-B2"]
     for d in (4, 32):
         assert next(r for r in rows if r["method"] == f"ctc-verify-D{d}")["same_as_greedy"] == 1.0
+
+
+def test_sweep_plot_reuses_a_fresh_greedy_summary(tmp_path, monkeypatch):
+    """A threshold sweep's plot takes greedy's point from the summary `decode` wrote beside it when that summary is
+    newer than the checkpoint, and decodes greedy again otherwise."""
+    import os
+
+    from train_fixtures import make_corpus
+
+    import mtp_asr.decode.run as run
+    from mtp_asr.cli import main
+    from mtp_asr.config import to_dict
+    from mtp_asr.data.tokenizer import Tokenizer
+    from mtp_asr.model.build import tokenizer_tensor
+    from mtp_asr.train.checkpoint import save_checkpoint
+
+    corpus = make_corpus(tmp_path / "corpus", n_train=4, n_valid=3)
+    tokenizer = Tokenizer(corpus["tokenizer"])
+    model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80)
+    ckpt = tmp_path / "exp" / "epoch-1.pt"
+    save_checkpoint(ckpt, {"kind": "speech_llama", "model_config": to_dict(model.cfg),
+                           "tokenizer": tokenizer_tensor(tokenizer), "model": model.state_dict()})
+    decoded = []
+    real = run.decode_cuts
+    monkeypatch.setattr(run, "decode_cuts", lambda m, t, cuts, settings, *a, **k: (
+        decoded.append(settings.method), real(m, t, cuts, settings, *a, **k))[1])
+
+    def decode(method, *extra):
+        result = CliRunner().invoke(main, ["decode", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]),
+                                           "--method", method, *extra, "--device", "cpu",
+                                           "--out-dir", str(tmp_path / "dec" / method)])
+        assert result.exit_code == 0, result.output
+
+    decode("greedy")
+    sweep = ["--threshold", "0.3", "--threshold", "0.9"]
+    decoded.clear()
+    decode("mtp-threshold", *sweep)
+    assert decoded == ["mtp-threshold", "mtp-threshold"]
+    assert (tmp_path / "dec" / "mtp-threshold" / "tradeoff-valid-epoch-1-mtp-threshold-bs16.png").is_file()
+
+    later = ckpt.stat().st_mtime + 10  # the checkpoint is now newer than greedy's summary
+    os.utime(ckpt, (later, later))
+    decoded.clear()
+    decode("mtp-threshold", *sweep)
+    assert decoded == ["mtp-threshold", "mtp-threshold", "greedy"]

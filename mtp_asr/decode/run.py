@@ -65,6 +65,19 @@ def check_decoded(result, manifest, total: int) -> None:
                        manifest, result.num_skipped, total, len(result.results))
 
 
+def reference_point(model, tokenizer, cuts, settings: DecodeSettings, batch_size: int, checkpoint: Path,
+                    summary_path: Path) -> dict:
+    """WER and decoder calls of a reference method for a sweep's plot: from the summary that `decode` wrote for it
+    (beside this method's directory, as recipes lay them out) when it is newer than the checkpoint, else decoded."""
+    if summary_path.is_file() and summary_path.stat().st_mtime >= Path(checkpoint).stat().st_mtime:
+        done = json.loads(summary_path.read_text(encoding="utf-8"))
+        calls, wer = done["num_decoder_calls"], done["wer"]
+    else:
+        ref = decode_cuts(model, tokenizer, cuts, settings, batch_size, desc=f"{summary_path.stem} (plot reference)")
+        calls, wer = ref.num_decoder_calls, round(compute_error_stats(ref.results).wer, 4)
+    return {"method": settings.method, "threshold": None, "num_decoder_calls": calls, "wer": wer}
+
+
 def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[Path], method: str,
                thresholds: Sequence[float], num_heads: Optional[int], batch_size: int, out_dir: Path,
                device: str = "auto", **options) -> list:
@@ -94,10 +107,9 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
                 refs.append(DecodeSettings("beam", **beam))
             points = []
             for ref_settings in refs:
-                ref = decode_cuts(model, tokenizer, cuts, ref_settings, batch_size, desc=test_set)
-                points.append({"method": ref_settings.method, "threshold": None,
-                               "num_decoder_calls": ref.num_decoder_calls,
-                               "wer": round(compute_error_stats(ref.results).wer, 4)})
+                done = (out_dir.parent / ref_settings.method /
+                        f"summary-{test_set}-{ckpt_name}-{ref_settings.label()}-bs{batch_size}.json")
+                points.append(reference_point(model, tokenizer, cuts, ref_settings, batch_size, checkpoint, done))
             name = method + (f"-B{settings.beam_size}" if method == "mtp-beam" else "")
             write_sweep_plot(out_dir / f"tradeoff-{test_set}-{ckpt_name}-{name}-bs{batch_size}.png", sweep + points,
                              f"{test_set}: WER vs decoder calls ({ckpt_name})")
