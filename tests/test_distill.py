@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from lhotse import load_manifest
 
@@ -19,7 +20,7 @@ from mtp_asr.train.distill import agreement, cache_trunk, fit_heads
 from mtp_asr.train.run import train_speech
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_fixtures import tiny_speech_llama  # noqa: E402
+from model_fixtures import randomize_, tiny_speech_llama  # noqa: E402
 from train_fixtures import make_corpus, tiny_train_config  # noqa: E402
 
 
@@ -65,6 +66,38 @@ def test_fitting_changes_only_heads_2_to_k_and_raises_agreement(corpus, kind):
     after = agreement(model.lm, cached)
     assert all(a > b for a, b in zip(after, before)), (before, after)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_soft_targets_are_head_1_where_it_chose_each_greedy_token(corpus):
+    """Teacher-forced on the model's own greedy output, head 1's distribution at the soft target's position picks
+    exactly the label of head k (so the offset is right); fitting those distributions brings heads 2..K closer to
+    them (lower KL divergence)."""
+    from mtp_asr.train.distill import _head_logits
+
+    tokenizer = Tokenizer(corpus["tokenizer"])
+    model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80).eval()
+    randomize_(model.lm, seed=0)  # peaked distributions: no near-ties between the cached and the teacher-forced pass
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.lm.heads.parameters():
+        p.requires_grad_(True)
+    cuts = load_manifest(corpus["train"]).subset(first=6)
+    greedy = decode_cuts(model, tokenizer, cuts, DecodeSettings("greedy", max_tokens_per_second=3.0), 3)
+    labels = {c: (greedy.tokens[c], greedy.finished[c]) for c in greedy.tokens}
+    assert sum(len(t) for t, _ in labels.values()) > 20
+    cached = cache_trunk(model, cuts, labels, batch_size=3)
+    for batch in cached:
+        for logits, lab, teacher in _head_logits(model.lm, batch):
+            assert torch.equal(teacher.argmax(-1), lab)
+
+    def kl() -> float:
+        with torch.no_grad():
+            return sum(float(F.kl_div(lg.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum"))
+                       for b in cached for lg, _, t in _head_logits(model.lm, b))
+
+    before = kl()
+    fit_heads(model.lm, cached, steps=40, lr=1e-2, soft_targets=True)
+    assert kl() < 0.8 * before
 
 
 def test_one_head_model_is_refused(corpus, tmp_path):

@@ -111,9 +111,11 @@ def average_cmd(exp_dir, epoch, avg, out):
               help="Utterances per batch when decoding and caching.")
 @click.option("--max-cuts", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Use a random subset of N cuts at most: the trunk's states of all of them are held in memory.")
+@click.option("--soft-targets", is_flag=True,
+              help="Fit head 1's distribution at each position instead of its greedy token.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @library_call
-def distill_heads_cmd(checkpoint, manifests, out, steps, lr, batch_size, max_cuts, device):
+def distill_heads_cmd(checkpoint, manifests, out, steps, lr, batch_size, max_cuts, soft_targets, device):
     """Self-distil MTP heads 2..K: teach them the model's own greedy output instead of the reference transcripts.
 
     The cuts are decoded (mtp-verify, the same tokens as greedy), the frozen model is run once teacher-forced on
@@ -124,7 +126,8 @@ def distill_heads_cmd(checkpoint, manifests, out, steps, lr, batch_size, max_cut
     from mtp_asr.decode.run import pick_device
     from mtp_asr.train.distill import DistillSettings, distill_heads
 
-    distill_heads(checkpoint, manifests, out, DistillSettings(steps, lr, batch_size, max_cuts), pick_device(device))
+    settings = DistillSettings(steps, lr, batch_size, max_cuts, soft_targets=soft_targets)
+    distill_heads(checkpoint, manifests, out, settings, pick_device(device))
 
 
 @main.command("export")

@@ -10,8 +10,14 @@ learn the model's own continuation instead (measured on the demo in egs/synth/as
 2. Cache: one teacher-forced pass of the frozen model over the self-labels keeps, per batch, the trunk's last hidden
    states, their rotary positions and the heads' labels (a hypothesis stopped at the length limit gets no EOS
    target: the model never emitted one there).
-3. Fit: AdamW on heads 2..K alone over the cached batches. Every 20th batch is held out to report how often each
-   head agrees with greedy decoding, before and after.
+3. Fit: AdamW on heads 2..K alone over the cached batches, on the greedy tokens (default) or on head 1's whole
+   distribution where it chose them (`soft_targets`, KL distillation). Every 20th batch is held out to report how
+   often each head agrees with greedy decoding, before and after.
+
+Hard or soft (measured on the demo, egs/synth/asr/RESULTS.md): greedy tokens give the most accepted drafts, but
+heads that imitate the greedy path become confident about it, and mtp-beam, which scores with their probabilities,
+explores less (fewer calls, worse WER); soft targets keep the heads' probabilities calibrated at a few accepted
+drafts less.
 
 Head 1 and the trunk are not touched, so greedy, mtp-verify and ctc-verify transcripts stay exactly the same (only
 their decoder calls change); mtp-threshold and mtp-beam, which trust the heads' probabilities, change.
@@ -46,6 +52,7 @@ class DistillSettings:
     batch_size: int = 16  # utterances per batch when labelling and caching
     max_cuts: int = 5000  # the cache holds every cut's hidden states in memory: a random subset of at most this many
     seed: int = 0
+    soft_targets: bool = False  # fit head 1's distributions instead of its greedy tokens
 
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.max_cuts < 1:
@@ -94,12 +101,16 @@ def cache_trunk(model: SpeechLlama, cuts, labels: dict, batch_size: int) -> list
 
 
 def _head_logits(lm, batch: CachedBatch) -> list:
-    """Logits (N_k, V) and labels (N_k,) of heads 2..K at the positions that have a label."""
+    """Per head 2..K, at the positions that have a label: its logits (N_k, V), the greedy tokens (N_k,) and head 1's
+    logits at the positions where head 1 chose those tokens (N_k, V: the soft targets)."""
     states = lm.heads.states(lm.decoder, batch.hidden, positions=batch.positions)
     out = []
     for k in range(1, lm.num_heads):
-        sel = batch.labels[k] != IGNORE
-        out.append((lm.heads.logits(lm.decoder, k, states[k][sel]).float(), batch.labels[k][sel]))
+        rows, cols = (batch.labels[k] != IGNORE).nonzero(as_tuple=True)
+        logits = lm.heads.logits(lm.decoder, k, states[k][rows, cols]).float()
+        with torch.no_grad():  # head k at position i predicts what head 1 chose at position i + k - 1 (1-based k)
+            teacher = lm.heads.logits(lm.decoder, 0, states[0][rows, cols + k]).float()
+        out.append((logits, batch.labels[k][rows, cols], teacher))
     return out
 
 
@@ -109,14 +120,15 @@ def agreement(lm, batches: list) -> list:
     right = torch.zeros(lm.num_heads - 1)
     total = torch.zeros(lm.num_heads - 1)
     for batch in batches:
-        for k, (logits, lab) in enumerate(_head_logits(lm, batch)):
+        for k, (logits, lab, _) in enumerate(_head_logits(lm, batch)):
             right[k] += (logits.argmax(-1) == lab).sum().cpu()
             total[k] += len(lab)
     return (right / total.clamp(min=1)).tolist()
 
 
-def fit_heads(lm, batches: list, steps: int, lr: float, seed: int = 0) -> None:
-    """AdamW on heads 2..K only, over `batches` in a fresh random order each pass."""
+def fit_heads(lm, batches: list, steps: int, lr: float, seed: int = 0, soft_targets: bool = False) -> None:
+    """AdamW on heads 2..K only, over `batches` in a fresh random order each pass; the targets are the greedy tokens,
+    or with `soft_targets` head 1's distributions there (KL distillation)."""
     params = list(lm.heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     weights = lm.head_weights
@@ -126,8 +138,8 @@ def fit_heads(lm, batches: list, steps: int, lr: float, seed: int = 0) -> None:
     for step in range(steps):
         if not order:
             order = torch.randperm(len(batches), generator=g).tolist()
-        loss = sum(weights[k + 1] * F.cross_entropy(logits, lab)
-                   for k, (logits, lab) in enumerate(_head_logits(lm, batches[order.pop()])) if len(lab))
+        loss = sum(weights[k + 1] * F.cross_entropy(logits, teacher.softmax(-1) if soft_targets else lab)
+                   for k, (logits, lab, teacher) in enumerate(_head_logits(lm, batches[order.pop()])) if len(lab))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -159,7 +171,7 @@ def distill_heads(checkpoint: Path, manifests: Sequence[Path], out: Path, settin
         held_out = cached[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] or cached[:1]
         train = [b for i, b in enumerate(cached) if (i + 1) % HOLD_OUT_EVERY or len(cached) == 1]
         before = agreement(lm, held_out)
-        fit_heads(lm, train, steps, settings.lr, settings.seed)
+        fit_heads(lm, train, steps, settings.lr, settings.seed, settings.soft_targets)
         after = agreement(lm, held_out)
         logger.info("heads 2..%d agree with greedy decoding on held-out positions: %s before, %s after",
                     lm.num_heads, " / ".join(f"{a:.3f}" for a in before), " / ".join(f"{a:.3f}" for a in after))
