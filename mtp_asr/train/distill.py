@@ -11,8 +11,8 @@ learn the model's own continuation instead (measured on the demo in egs/synth/as
    states, their rotary positions and the heads' labels (a hypothesis stopped at the length limit gets no EOS
    target: the model never emitted one there).
 3. Fit: AdamW on heads 2..K alone over the cached batches, on the greedy tokens (default) or on head 1's whole
-   distribution where it chose them (`soft_targets`, KL distillation). Every 20th batch is held out to report how
-   often each head agrees with greedy decoding, before and after.
+   distribution where it chose them (`soft_targets`, KL distillation). Every 20th batch (the last, with fewer) is held
+   out to report how often each head agrees with greedy decoding, before and after.
 
 Hard or soft (measured on the demo, egs/synth/asr/RESULTS.md): greedy tokens give the most accepted drafts, but
 heads that imitate the greedy path become confident about it, and mtp-beam, which scores with their probabilities,
@@ -42,7 +42,7 @@ from mtp_asr.train.checkpoint import load_checkpoint, save_checkpoint
 from mtp_asr.utils import Progress
 
 logger = logging.getLogger("mtp_asr")
-HOLD_OUT_EVERY = 20  # every 20th cached batch measures agreement instead of training
+HOLD_OUT_EVERY = 20  # every 20th cached batch (the last one if there are fewer) measures agreement, not training
 
 
 @dataclass
@@ -168,8 +168,9 @@ def distill_heads(checkpoint: Path, manifests: Sequence[Path], out: Path, settin
     steps = settings.steps if cached else 0
     before = after = []
     if cached:
-        held_out = cached[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] or cached[:1]
-        train = [b for i, b in enumerate(cached) if (i + 1) % HOLD_OUT_EVERY or len(cached) == 1]
+        held = set(range(HOLD_OUT_EVERY - 1, len(cached), HOLD_OUT_EVERY)) or {len(cached) - 1}
+        held_out = [cached[i] for i in sorted(held)]
+        train = [b for i, b in enumerate(cached) if i not in held] or held_out  # a single batch does both
         before = agreement(lm, held_out)
         fit_heads(lm, train, steps, settings.lr, settings.seed, settings.soft_targets)
         after = agreement(lm, held_out)
