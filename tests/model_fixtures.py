@@ -161,3 +161,13 @@ def random_batch(lm, batch: int, seed: int, max_prompt: int = 6, max_new: int = 
     prefix, lens = random_prompts(lm, batch, max_prompt, g)
     limits = torch.randint(1, max_new + 1, (batch,), generator=g)
     return prefix, lens, limits
+
+
+def save_speech_checkpoint(path, model: SpeechLlama, tokenizer) -> None:
+    """Write `model` as a decodable checkpoint with its tokenizer, as `train` would."""
+    from mtp_asr.config import to_dict
+    from mtp_asr.model.build import tokenizer_tensor
+    from mtp_asr.train.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {"kind": "speech_llama", "model_config": to_dict(model.cfg),
+                           "tokenizer": tokenizer_tensor(tokenizer), "model": model.state_dict()})

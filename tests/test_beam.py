@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from model_fixtures import (  # noqa: F401
     EOS, counting_firsts, counting_task, random_batch, random_prompts, single_thread, tiny_lm, tiny_speech_llama,
-    trained_counting_lm,
+    save_speech_checkpoint, trained_counting_lm,
 )
 from mtp_asr.decode.beam import beam_search
 from mtp_asr.decode.generate import generate
@@ -288,17 +288,13 @@ def test_decode_and_benchmark_commands(tmp_path):
     from train_fixtures import make_corpus
 
     from mtp_asr.cli import main
-    from mtp_asr.config import to_dict
     from mtp_asr.data.tokenizer import Tokenizer
-    from mtp_asr.model.build import tokenizer_tensor
-    from mtp_asr.train.checkpoint import save_checkpoint
 
     corpus = make_corpus(tmp_path / "corpus", n_train=4, n_valid=5)
     tokenizer = Tokenizer(corpus["tokenizer"])
     model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80)
     ckpt = tmp_path / "exp" / "epoch-1.pt"
-    save_checkpoint(ckpt, {"kind": "speech_llama", "model_config": to_dict(model.cfg),
-                           "tokenizer": tokenizer_tensor(tokenizer), "model": model.state_dict()})
+    save_speech_checkpoint(ckpt, model, tokenizer)
     out = tmp_path / "out"
     args = ["decode", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]), "--method", "mtp-beam",
             "--beam-size", "3", "--nbest", "2", "--threshold", "0.2", "--threshold", "0.9", "--batch-size", "2",
@@ -346,17 +342,13 @@ def test_sweep_plot_reuses_a_fresh_greedy_summary(tmp_path, monkeypatch):
 
     import mtp_asr.decode.run as run
     from mtp_asr.cli import main
-    from mtp_asr.config import to_dict
     from mtp_asr.data.tokenizer import Tokenizer
-    from mtp_asr.model.build import tokenizer_tensor
-    from mtp_asr.train.checkpoint import save_checkpoint
 
     corpus = make_corpus(tmp_path / "corpus", n_train=4, n_valid=3)
     tokenizer = Tokenizer(corpus["tokenizer"])
     model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80)
     ckpt = tmp_path / "exp" / "epoch-1.pt"
-    save_checkpoint(ckpt, {"kind": "speech_llama", "model_config": to_dict(model.cfg),
-                           "tokenizer": tokenizer_tensor(tokenizer), "model": model.state_dict()})
+    save_speech_checkpoint(ckpt, model, tokenizer)
     decoded = []
     real = run.decode_cuts
     monkeypatch.setattr(run, "decode_cuts", lambda m, t, cuts, settings, *a, **k: (

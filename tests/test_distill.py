@@ -10,17 +10,17 @@ from click.testing import CliRunner
 from lhotse import load_manifest
 
 from mtp_asr.cli import main
-from mtp_asr.config import to_dict
 from mtp_asr.data.tokenizer import Tokenizer
 from mtp_asr.decode.runner import DecodeSettings, decode_cuts
-from mtp_asr.model.build import load_speech_model, tokenizer_tensor
+from mtp_asr.model.build import load_speech_model
 from mtp_asr.model.lm import IGNORE
-from mtp_asr.train.checkpoint import load_checkpoint, save_checkpoint
-from mtp_asr.train.distill import agreement, cache_trunk, fit_heads
+from mtp_asr.train.checkpoint import load_checkpoint
+from mtp_asr.train.distill import FROZEN, agreement, cache_trunk, fit_heads
 from mtp_asr.train.run import train_speech
+from mtp_asr.train.trainer import freeze_parts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_fixtures import randomize_, tiny_speech_llama  # noqa: E402
+from model_fixtures import randomize_, save_speech_checkpoint, tiny_speech_llama  # noqa: E402
 from train_fixtures import make_corpus, tiny_train_config  # noqa: E402
 
 
@@ -53,10 +53,7 @@ def test_unfinished_hypotheses_get_no_eos_target(corpus):
 def test_fitting_changes_only_heads_2_to_k_and_raises_agreement(corpus, kind):
     torch.manual_seed(0)
     model = tiny_speech_llama(kind=kind, num_heads=3, vocab=24, feat_dim=80).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.lm.heads.parameters():
-        p.requires_grad_(True)
+    freeze_parts(model, FROZEN)
     cuts = load_manifest(corpus["train"]).subset(first=8)
     labels = {c.id: (torch.randint(3, 24, (6,)).tolist(), True) for c in cuts}
     cached = cache_trunk(model, cuts, labels, batch_size=4)
@@ -77,10 +74,7 @@ def test_soft_targets_are_head_1_where_it_chose_each_greedy_token(corpus):
     tokenizer = Tokenizer(corpus["tokenizer"])
     model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80).eval()
     randomize_(model.lm, seed=0)  # peaked distributions: no near-ties between the cached and the teacher-forced pass
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.lm.heads.parameters():
-        p.requires_grad_(True)
+    freeze_parts(model, FROZEN)
     cuts = load_manifest(corpus["train"]).subset(first=6)
     greedy = decode_cuts(model, tokenizer, cuts, DecodeSettings("greedy", max_tokens_per_second=3.0), 3)
     labels = {c: (greedy.tokens[c], greedy.finished[c]) for c in greedy.tokens}
@@ -104,8 +98,7 @@ def test_one_head_model_is_refused(corpus, tmp_path):
     tokenizer = Tokenizer(corpus["tokenizer"])
     model = tiny_speech_llama(num_heads=1, vocab=tokenizer.vocab_size, feat_dim=80)
     ckpt = tmp_path / "one-head.pt"
-    save_checkpoint(ckpt, {"kind": "speech_llama", "model_config": to_dict(model.cfg),
-                           "tokenizer": tokenizer_tensor(tokenizer), "model": model.state_dict()})
+    save_speech_checkpoint(ckpt, model, tokenizer)
     out = tmp_path / "out.pt"
     result = CliRunner().invoke(main, ["distill-heads", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]),
                                        "--out", str(out), "--device", "cpu"])
@@ -121,8 +114,7 @@ def test_too_short_transcripts_leave_the_heads_unchanged(corpus, tmp_path, monke
     tokenizer = Tokenizer(corpus["tokenizer"])
     model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80)
     ckpt, out = tmp_path / "model.pt", tmp_path / "out.pt"
-    save_checkpoint(ckpt, {"kind": "speech_llama", "model_config": to_dict(model.cfg),
-                           "tokenizer": tokenizer_tensor(tokenizer), "model": model.state_dict()})
+    save_speech_checkpoint(ckpt, model, tokenizer)
     monkeypatch.setattr(distill, "self_labels", lambda m, t, cuts, bs: {c.id: ([5], True) for c in cuts})
     report = distill.distill_heads(ckpt, [corpus["valid"]], out, distill.DistillSettings(steps=5))
     assert report["steps"] == 0 and "nothing to learn" in caplog.text

@@ -39,9 +39,11 @@ from mtp_asr.model.lm import IGNORE, mtp_labels
 from mtp_asr.model.speech_llama import SpeechLlama
 from mtp_asr.train.average import MODEL_KEYS
 from mtp_asr.train.checkpoint import load_checkpoint, save_checkpoint
+from mtp_asr.train.trainer import freeze_parts
 from mtp_asr.utils import Progress
 
 logger = logging.getLogger("mtp_asr")
+FROZEN = ("encoder", "adapter", "decoder")  # everything but heads 2..K (the decoder includes head 1)
 HOLD_OUT_EVERY = 20  # every 20th cached batch (the last one if there are fewer) measures agreement, not training
 
 
@@ -155,10 +157,7 @@ def distill_heads(checkpoint: Path, manifests: Sequence[Path], out: Path, settin
     lm = model.lm
     if lm.num_heads < 2:
         raise ValueError(f"{checkpoint} has one head (plain next-token prediction): there are no heads to distil")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in lm.heads.parameters():
-        p.requires_grad_(True)
+    freeze_parts(model, FROZEN)
     cuts = CutSet.from_cuts(c for m in manifests for c in read_cuts(m))
     if len(cuts) > settings.max_cuts:  # a random subset: manifests are often sorted by speaker or corpus part
         cuts = CutSet.from_cuts(random.Random(settings.seed).sample(list(cuts), settings.max_cuts))

@@ -164,8 +164,8 @@ if [ "$distill_steps" -gt 0 ]; then
   if should_run 7 distill; then
     cuts_args=()
     for p in $train_cuts; do cuts_args+=(--cuts "data/fbank/cuts_$p.jsonl.gz"); done
-    mtp-asr distill-heads --checkpoint "$averaged" "${cuts_args[@]}" --out "$model" --steps "$distill_steps" --max-cuts "$distill_cuts" --batch-size "$decode_batch_size" \
-      --device "$device"
+    mtp-asr distill-heads --checkpoint "$averaged" "${cuts_args[@]}" --out "$model" --steps "$distill_steps" \
+      --max-cuts "$distill_cuts" --batch-size "$decode_batch_size" --device "$device"
     mark_done distill
   fi
 fi
