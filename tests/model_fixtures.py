@@ -1,4 +1,5 @@
 """Tiny models and a cache-free reference decoder shared by tests/test_model.py and tests/test_generate.py."""
+import itertools
 import math
 from typing import Optional
 
@@ -89,26 +90,35 @@ def random_prompts(lm: MTPLanguageModel, batch: int, max_len: int, gen: torch.Ge
 
 @torch.no_grad()
 def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_heads: int, threshold: float,
-                     limit: int) -> tuple[list, int, bool]:
+                     limit: int, widths: tuple = ()) -> tuple[list, int, bool]:
     """One utterance, decoded by the definitions in DESIGN.md with a full causal forward (no KV cache) per decoder
-    call: tokens (without EOS), decoder calls, and whether EOS ended it."""
+    call: tokens (without EOS), decoder calls, and whether EOS ended it. mtp-verify with `widths` (a draft tree)
+    checks every combination of the heads' top-w_k tokens as a separate chain and keeps the longest accepted one."""
     K = 1 if method == "greedy" else num_heads
-    out, drafts, calls = [], [], 0
+    out, paths, calls = [], [[]], 0
     while True:
         calls += 1
-        seq = torch.cat([prompt, lm.embed(torch.tensor(out + drafts, dtype=torch.long)).to(prompt.dtype)])
-        states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]))
         first = prompt.shape[0] + len(out) - 1  # the last position that is not a draft
-        head1 = lm.heads.logits(lm.decoder, 0, states[0][0, first:]).argmax(-1).tolist()
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == head1[accepted]:
-            accepted += 1
+        best = None
+        for drafts in paths:
+            seq = torch.cat([prompt, lm.embed(torch.tensor(out + drafts, dtype=torch.long)).to(prompt.dtype)])
+            states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]))
+            head1 = lm.heads.logits(lm.decoder, 0, states[0][0, first:]).argmax(-1).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == head1[accepted]:
+                accepted += 1
+            if best is None or accepted > best[0]:
+                best = accepted, drafts, head1, states
+        accepted, drafts, head1, states = best
         new = drafts[:accepted] + [head1[accepted]]
         last = first + accepted
         extra = [lm.heads.logits(lm.decoder, k, states[k][0, last]) for k in range(1, K)]
-        drafts = []
-        if method == "mtp-verify":
-            drafts = [int(e.argmax()) for e in extra]
+        paths = [[]]
+        if method == "mtp-verify" and widths and max(widths) > 1:
+            top = [e.topk(max(widths)).indices.tolist() for e in extra]
+            paths = [[top[j][r] for j, r in enumerate(rank)] for rank in itertools.product(*map(range, widths))]
+        elif method == "mtp-verify":
+            paths = [[int(e.argmax()) for e in extra]]
         elif method == "mtp-threshold":
             for e in extra:
                 tok = int(e.argmax())

@@ -40,7 +40,8 @@ def calls(out_or_hyps):
 # embeddings are one-hot, so every head's prediction depends only on the current token, through a table:
 #   head 1 (the LM head): 3 -> 4 -> 5 -> ... -> 12 -> EOS, and EOS, 0, 1, 13, 14, 15 -> 3;
 #   head 2: the token two ahead, except head2(6) = 3 (wrong);  head 3: three ahead, except head3(7) = 5 (wrong);
-#   confidence (softmax probability about 1, or about 0.1): head 2 unsure at 4, head 3 unsure at 3 and 6.
+#   confidence (softmax probability about 1, or about 0.1): head 2 unsure at 4, head 3 unsure at 3 and 6;
+#   head 2's second choice at 6 is the right token, 8 (every other second choice is an arbitrary wrong token).
 
 V = 16
 
@@ -69,6 +70,7 @@ def hand_built_model():
         layer.weight.zero_()
         for t, nxt in table.items():
             layer.weight[nxt, t] = 0.1 if t in unsure else 10.0  # logits: 4 * weight (RMSNorm of a one-hot is 4)
+    lm.heads.proj[0].weight[8, 6] = 5.0
     return lm
 
 
@@ -130,6 +132,21 @@ def test_hand_counted_verify():
     out = generate(lm, prefix[:1], lens[:1], "mtp-verify", num_heads=2, max_new_tokens=50)
     # calls: prefill (4), [4 5] (5 6), [6 7] (7 8), [8 9] (9 10), [10 11] (11 12), [12 EOS] (EOS accepted)
     assert tokens(out) == [[4, 5, 6, 7, 8, 9, 10, 11, 12]] and calls(out) == [6]
+
+
+def test_hand_counted_tree_verify():
+    lm = hand_built_model()
+    prefix, lens = hand_prompts(lm, [1, 3], [1, 0, 0, 8])
+    out = generate(lm, prefix, lens, "mtp-verify", max_new_tokens=50, draft_tree=(2, 2))
+    # As in the chain above until call 3, where the tree also holds head 2's second choice at 6, which is right:
+    #  3 [7 | 3 8 x 9 y]: 3 rejected, 8 accepted, 9 (its child) accepted, correction 10   emit 8 9 10
+    #  4 [10 | 11 12 ..]: both accepted, then EOS                                            emit 11 12, end
+    # Row 1 takes 3 calls as before.
+    assert tokens(out) == [[4, 5, 6, 7, 8, 9, 10, 11, 12], [9, 10, 11, 12]]
+    assert calls(out) == [4, 3] and out.batch_calls == 4
+    # head 1: 4 7 10 | 9 12; head 2: 5 8 11 | 10; head 3: 6 9 12 | 11
+    assert out.accepted_per_head == [5, 4, 4]
+    assert reference_decode(lm, prefix[0, :2], "mtp-verify", 3, 0, 50, widths=(2, 2)) == (tokens(out)[0], 4, True)
 
 
 def test_hand_counted_threshold():

@@ -37,6 +37,10 @@ def method_options(fn):
                           "mtp-threshold)."),
         click.option("--max-draft", type=click.IntRange(min=1), default=32, show_default=True,
                      help="ctc-verify: draft tokens verified per decoder call at most."),
+        click.option("--draft-tree", callback=widths_option,
+                     help="mtp-verify, ctc-verify: candidates verified per head 2..K, e.g. 3,2,1: every combination "
+                          "of head 2's top 3, head 3's top 2 and head 4's top 1 in one call (tree attention; same "
+                          "output as greedy, fewer calls, more positions per call). Default: 1 each, a chain."),
         click.option("--num-heads", "-K", type=click.IntRange(min=1),
                      help="Heads used by MTP methods (default: all of the model's)."),
         click.option("--beam-size", type=click.IntRange(min=1),
@@ -48,6 +52,18 @@ def method_options(fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def widths_option(ctx, param, value):
+    """--draft-tree '3,2,1' -> (3, 2, 1); None stays None (a chain); several values (benchmark) -> a list."""
+    from mtp_asr.decode.tree import parse_widths
+
+    try:
+        if isinstance(value, tuple):
+            return [parse_widths(v) for v in value]
+        return None if value is None else parse_widths(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def beam_options(method: str, **options) -> dict:
@@ -74,8 +90,8 @@ def beam_options(method: str, **options) -> dict:
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Result directory (default: EXP_DIR/<method>, or the checkpoint's directory/<method>).")
 @library_call
-def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, beam_size, length_norm, manifests,
-               thresholds, nbest, batch_size, out_dir):
+def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_tree, beam_size,
+               length_norm, manifests, thresholds, nbest, batch_size, out_dir):
     """Decode cut sets; write icefall-style results per set and setting.
 
     In OUT_DIR: recogs-<set>-<suffix>.txt, errs-<set>-<suffix>.txt (alignment, WER, per-utterance, substitutions,
@@ -87,7 +103,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
     from mtp_asr.decode.run import resolve_checkpoint, run_decode
 
     options = {**beam_options(method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
-               "max_draft": max_draft}
+               "max_draft": max_draft, "draft_tree": draft_tree or ()}
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     out_dir = out_dir or path.parent / method
     run_decode(path, n_avg, name, manifests, method, thresholds, num_heads, batch_size, out_dir, device, **options)
@@ -106,10 +122,12 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,
               help="Draft tokens verified per call in the ctc-verify rows (default 32); repeatable. Each call costs "
                    "in proportion to the positions it verifies where compute is the bottleneck (a CPU).")
+@click.option("--draft-tree", "draft_trees", multiple=True, callback=widths_option,
+              help="Also run mtp-verify with this draft tree (widths per head 2..K, e.g. 3,2,1); repeatable.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  beam_size, max_drafts, out_dir):
+                  beam_size, max_drafts, draft_trees, out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
@@ -130,7 +148,7 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
         raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-sizes")
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
-                  beam_size=beam_size, max_drafts=list(max_drafts) or [32])
+                  beam_size=beam_size, max_drafts=list(max_drafts) or [32], draft_trees=draft_trees)
 
 
 @main.command("transcribe")
@@ -140,14 +158,13 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
               help="tau of mtp-threshold and mtp-beam.")
 @click.argument("files", type=FILE, nargs=-1, required=True)
 @library_call
-def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, beam_size, length_norm,
-                   threshold,
-                   files):
+def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_tree, beam_size,
+                   length_norm, threshold, files):
     """Print `FILE<TAB>transcript` for each audio file (wav, flac, ogg, mp3; any sample rate; mono or stereo)."""
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
 
-    settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft,
+    settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft, draft_tree=draft_tree or (),
                               **beam_options(method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     for name, text in transcribe_files(path, n_avg, files, settings, device):

@@ -22,6 +22,7 @@ after all were accepted). What happens with heads 2..K at that position is the m
 A row leaves the batch (and its cache rows are dropped) once it emits EOS or reaches its length limit.
 Decoder calls are counted per utterance (the calls its row took part in, independent of batching) and per batch.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from mtp_asr.decode.drafts import DraftAligner, draft_sequences
+from mtp_asr.decode.tree import DraftTree, TreeBatch, head_paths, move_plan
 from mtp_asr.model.lm import MTPLanguageModel
 
 METHODS = ("greedy", "mtp-threshold", "mtp-verify", "ctc-verify")
@@ -52,12 +54,14 @@ class GenerateOutput:
 @torch.inference_mode()
 def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: str = "greedy",
              num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200,
-             drafts: Optional[Sequence[Sequence[int]]] = None, max_draft: int = 32) -> GenerateOutput:
+             drafts: Optional[Sequence[Sequence[int]]] = None, max_draft: int = 32,
+             draft_tree: Sequence[int] = ()) -> GenerateOutput:
     """Decode every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
 
     num_heads: heads to use (default: all of the model's; `greedy` uses 1). max_new_tokens: an int or a (B,) tensor
     of per-row limits, EOS excluded. drafts (ctc-verify): one token sequence per row (without EOS); max_draft: draft
-    tokens verified per call at most.
+    tokens verified per call at most. draft_tree (mtp-verify, ctc-verify): candidates verified per head 2..K, a tree
+    of their combinations (see `mtp_asr.decode.tree`); empty: one each, a chain.
     """
     if method not in METHODS:
         raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
@@ -73,9 +77,12 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     if method == "ctc-verify" and (drafts is None or len(drafts) != B or max_draft < 1):
         raise ValueError("ctc-verify needs one draft sequence per row and max_draft >= 1")
     verify = method in ("mtp-verify", "ctc-verify")
+    widths = tuple(draft_tree) or (1,) * (K - 1)
+    if verify and (len(widths) != K - 1 or min(widths, default=1) < 1):
+        raise ValueError(f"draft_tree needs {K - 1} widths >= 1, one per head 2..{K} (got {tuple(draft_tree)})")
     aligners = [DraftAligner(d) for d in draft_sequences(drafts, lm.eos_id)] if method == "ctc-verify" else None
 
-    lookahead = max(K, max_draft if aligners else 0)
+    lookahead = (max_draft if aligners else 0) + sum(math.prod(widths[:j + 1]) for j in range(K - 1)) + K
     cache = lm.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * lookahead + 1, prefix_lens,
                          dtype=prefix.dtype)
     rows = torch.arange(B, device=device)  # original row index of each live row
@@ -83,62 +90,64 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     calls = [0] * B
     done = [False] * B
     from_head = [0] * K
+    from_external = 0
     eos = lm.eos_id
 
     # The first call is the prefill: the prompts are "pending", followed by external drafts if there are any.
     first = [a.continuation(max_draft) for a in aligners] if aligners else [[] for _ in range(B)]
     block, _ = lm.append_tokens(prefix, prefix_lens, first)
     n_pending = prefix_lens.clone()
-    draft_ids, n_draft = _pad(first, device)
-    draft_sources = [[0] * len(d) for d in first]
-    from_external = 0
+    tree = TreeBatch([DraftTree.from_paths([(d, [0] * len(d))]) for d in first], n_pending, block.shape[1])
     batch_calls = 0
     while rows.numel():
         T = block.shape[1]
         x = block if block.dim() == 3 else lm.embed(block)
-        geometry = cache.call_geometry(T)
+        geometry = cache.call_geometry(T, tree.offsets, tree.visible)
         hidden = lm.decoder(x, cache, geometry)
-        states = lm.heads.states(lm.decoder, hidden, cache, geometry)
+        states = lm.heads.states(lm.decoder, hidden, cache, geometry, lazy=True)
         batch_calls += 1
         live = rows.shape[0]
         ar = torch.arange(live, device=device)
 
-        # Head 1 at the last pending position and at every draft position: verifies drafts, gives the next token.
-        q = int(n_draft.max())
-        offs = (n_pending - 1)[:, None] + torch.arange(q + 1, device=device)
-        offs = offs.clamp(max=T - 1)
-        g = lm.heads.logits(lm.decoder, 0, states[0][ar[:, None], offs]).argmax(-1)  # (live, q+1)
-        if q:
-            ok = (draft_ids == g[:, :q]) & (torch.arange(q, device=device) < n_draft[:, None])
-            accepted = ok.long().cumprod(dim=1).sum(dim=1)  # leading run of accepted drafts
-        else:
-            accepted = torch.zeros(live, dtype=torch.long, device=device)
+        # Head 1 at the last pending position (the root) and at every draft node: verifies them, gives the next
+        # token at the last kept position.
+        cols = ((n_pending - 1)[:, None] + torch.arange(tree.q + 1, device=device)).clamp(max=T - 1)
+        g = lm.heads.logits(lm.decoder, 0, states[0][ar[:, None], cols]).argmax(-1)  # (live, q+1)
+        accepted, last_col = tree.accept(g)
+        correction = g[ar, last_col]
+        last = n_pending - 1 + last_col  # the last kept position in this call's block
+        acc_l, col_l, pend_l = accepted.tolist(), last_col.tolist(), n_pending.tolist()
+        plan = move_plan(tree, col_l, pend_l, cache.lengths.tolist()) if tree.offsets is not None else None
+        if plan:
+            cache.move(*(torch.tensor(x, device=device) for x in plan))
         cache.lengths += n_pending + accepted
-        last = n_pending - 1 + accepted  # the last kept position in this call's block
-        correction = g[ar, accepted]
 
         # Heads 2..K at the last kept position.
         extra = extra_p = None
         if K > 1 and (verify or method == "mtp-threshold"):
-            logits = torch.stack([lm.heads.logits(lm.decoder, k, states[k][ar, last]) for k in range(1, K)], 1)
-            extra = logits.argmax(-1)  # (live, K-1)
+            logits = torch.stack([lm.heads.logits(lm.decoder, k, lm.heads.head_state(states, k, (ar, last)))
+                                  for k in range(1, K)], 1)
+            if verify and max(widths) > 1:
+                extra = logits.topk(max(widths), dim=-1).indices  # (live, K-1, w)
+            else:
+                extra = logits.argmax(-1, keepdim=True)  # (live, K-1, 1)
             if not verify:
-                extra_p = torch.softmax(logits.float(), -1).gather(-1, extra[..., None])[..., 0]
+                extra_p = torch.softmax(logits.float(), -1).gather(-1, extra)[..., 0]
 
-        # Emit, on the host: accepted drafts, the correction, and (threshold) confident head tokens.
-        acc_l, corr_l = accepted.tolist(), correction.tolist()
-        drafts_l = draft_ids.tolist() if q else None
+        # Emit, on the host: the accepted path, the correction, and (threshold) confident head tokens.
+        corr_l = correction.tolist()
         extra_l = extra.tolist() if extra is not None else None
         if extra_p is not None:
             confident = (extra_p >= threshold).long().cumprod(dim=1).sum(dim=1).tolist()
-        keep, next_pending, next_drafts, next_sources = [], [], [], []
+        keep, next_pending, next_trees = [], [], []
         for i, r in enumerate(rows.tolist()):
             calls[r] += 1
-            new = (drafts_l[i][: acc_l[i]] if drafts_l else []) + [corr_l[i]]
+            path = tree.trees[i].path(col_l[i] - 1) if col_l[i] else []
+            new = [tree.trees[i].tokens[n] for n in path] + [corr_l[i]]
             # Where each emitted token came from: 1..K a head, 0 an external draft.
-            sources = draft_sources[i][: acc_l[i]] + [1]
+            sources = [tree.trees[i].sources[n] for n in path] + [1]
             if extra_p is not None:
-                new += extra_l[i][: confident[i]]
+                new += [c[0] for c in extra_l[i][: confident[i]]]
                 sources += list(range(2, 2 + confident[i]))
             finished = False
             for tok, src in zip(new, sources):
@@ -158,53 +167,31 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
                 continue
             keep.append(i)
             next_pending.append(new[acc_l[i]:])  # the accepted drafts are in the cache already
-            external = []
+            paths = []
             if aligners:
                 aligners[r].advance(new)
                 external = aligners[r].continuation(max_draft)
-            if external:
-                next_drafts.append(external)
-                next_sources.append([0] * len(external))
-            elif verify and extra_l:
-                next_drafts.append(extra_l[i])
-                next_sources.append(list(range(2, 1 + K)))
-            else:
-                next_drafts.append([])
-                next_sources.append([])
+                paths.append((external, [0] * len(external)))
+            if verify and extra_l:
+                paths += head_paths(extra_l[i], widths)
+            next_trees.append(DraftTree.from_paths(paths))
         if not keep:
             break
         if len(keep) < live:
             idx = torch.tensor(keep, device=device)
             cache.select(idx)
             rows = rows[idx]
-        block, n_pending, n_draft = _next_block(next_pending, next_drafts, device)
-        draft_ids = _draft_columns(block, n_pending, int(n_draft.max()))
-        draft_sources = next_sources
+        block, n_pending = _next_block(next_pending, next_trees, device)
+        tree = TreeBatch(next_trees, n_pending, block.shape[1])
 
     hyps = [Hypothesis(out[r], calls[r], done[r]) for r in range(B)]
     return GenerateOutput(hyps, batch_calls, from_head, from_external)
 
 
-def _draft_columns(block: Tensor, n_pending: Tensor, q: int) -> Tensor:
-    """The q draft tokens of each row, which start right after its pending tokens."""
-    cols = n_pending[:, None] + torch.arange(q, device=block.device)
-    return block.gather(1, cols.clamp(max=block.shape[1] - 1))
-
-
-def _next_block(pending: list, drafts: list, device) -> tuple[Tensor, Tensor, Tensor]:
-    width = max(len(p) + len(d) for p, d in zip(pending, drafts))
+def _next_block(pending: list, trees: list, device) -> tuple[Tensor, Tensor]:
+    """Each row's pending tokens followed by its draft nodes, right-padded; and the pending counts."""
+    width = max(len(p) + len(t) for p, t in zip(pending, trees))
     block = torch.zeros(len(pending), width, dtype=torch.long)
-    for i, (p, d) in enumerate(zip(pending, drafts)):
-        block[i, : len(p) + len(d)] = torch.tensor(p + d)
-    n_pending = torch.tensor([len(p) for p in pending])
-    n_draft = torch.tensor([len(d) for d in drafts])
-    return block.to(device), n_pending.to(device), n_draft.to(device)
-
-
-def _pad(seqs: list, device) -> tuple[Tensor, Tensor]:
-    """Right-padded (B, max len) token tensor and the lengths."""
-    width = max([len(x) for x in seqs] + [0])
-    out = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-    return out.to(device), torch.tensor([len(x) for x in seqs], device=device)
+    for i, (p, t) in enumerate(zip(pending, trees)):
+        block[i, : len(p) + len(t)] = torch.tensor(p + t.tokens)
+    return block.to(device), torch.tensor([len(p) for p in pending], device=device)

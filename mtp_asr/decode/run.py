@@ -119,9 +119,11 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
 
 def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Sequence[int], thresholds: Sequence[float],
                   out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0,
-                  beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,)) -> list:
+                  beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,),
+                  draft_trees: Sequence[tuple] = ()) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
-    greedy run; `ctc-verify` at every draft length in `max_drafts` (for a model with a CTC head); `beam` and
+    greedy run; `mtp-verify` with a chain and with each of `draft_trees`; `ctc-verify` at every draft length in
+    `max_drafts` (for a model with a CTC head); `beam` and
     `mtp-beam` (at every threshold) too when a beam size is given. Writes benchmark.json and benchmark.md; returns
     the rows."""
     dev = pick_device(device)
@@ -131,7 +133,7 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
         cuts = cuts.subset(first=max_utts)
     warm = cuts.subset(first=min(warmup_utts, len(cuts)))
     methods = [DecodeSettings("greedy")] + [DecodeSettings("mtp-threshold", t) for t in thresholds] + [
-        DecodeSettings("mtp-verify")]
+        DecodeSettings("mtp-verify")] + [DecodeSettings("mtp-verify", draft_tree=w) for w in draft_trees]
     if model.encoder.ctc_head is not None:
         methods += [DecodeSettings("ctc-verify", max_draft=d) for d in max_drafts]
     if beam_size:

@@ -33,6 +33,7 @@ class DecodeSettings:
     nbest: Optional[int] = None  # hypotheses kept per utterance by beam methods; None: beam_size
     length_norm: float = 0.5  # beam methods rank by score / length ** length_norm
     max_draft: int = 32  # ctc-verify: draft tokens verified per decoder call at most
+    draft_tree: tuple = ()  # mtp-verify, ctc-verify: candidates verified per head 2..K (a tree); (): a chain
 
     def __post_init__(self):
         if self.method not in DECODE_METHODS:
@@ -49,6 +50,10 @@ class DecodeSettings:
             raise ValueError(f"--length-norm must be >= 0 (got {self.length_norm})")
         if self.max_draft < 1:
             raise ValueError(f"--max-draft must be >= 1 (got {self.max_draft})")
+        self.draft_tree = tuple(self.draft_tree)
+        if self.draft_tree and (self.method not in ("mtp-verify", "ctc-verify") or min(self.draft_tree) < 1):
+            raise ValueError(f"--draft-tree takes widths >= 1 and applies to mtp-verify and ctc-verify only "
+                             f"(got {self.draft_tree} with --method {self.method})")
 
     @property
     def is_beam(self) -> bool:
@@ -66,6 +71,8 @@ class DecodeSettings:
             text += f"-tau{self.threshold:g}"
         if self.method == "ctc-verify":
             text += f"-D{self.max_draft}"
+        if self.draft_tree and max(self.draft_tree) > 1:
+            text += "-tree" + "x".join(map(str, self.draft_tree))
         if self.is_beam:
             text += f"-B{self.beam_size}"
             if self.length_norm != DecodeSettings.length_norm:
@@ -99,6 +106,7 @@ class DecodeResult:
             "num_heads": self.settings.num_heads,
             "beam_size": self.settings.beam_size if self.settings.is_beam else None,
             "length_norm": self.settings.length_norm if self.settings.is_beam else None,
+            "draft_tree": list(self.settings.draft_tree) or None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,
             "audio_seconds": round(self.audio_seconds, 3),
@@ -151,7 +159,7 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
                           limits, settings.beam_size, settings.nbest, settings.length_norm)
     else:
         out = generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
-                       limits, drafts=drafts, max_draft=settings.max_draft)
+                       limits, drafts=drafts, max_draft=settings.max_draft, draft_tree=settings.draft_tree)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
 

@@ -80,25 +80,37 @@ class MTPHeads(nn.Module):
         return self.num_heads - 1 if self.kind == "layer" else 0
 
     def states(self, decoder: LlamaDecoder, hidden: Tensor, cache: Optional[KVCache] = None,
-               geometry: Optional[Geometry] = None, positions: Optional[Tensor] = None) -> list:
+               geometry: Optional[Geometry] = None, positions: Optional[Tensor] = None, lazy: bool = False) -> list:
         """Per-head inputs to the un-embedding, [head 1, ..., head K], each (B, T, d), from the trunk output `hidden`
         (before the final norm). For `layer` heads with a cache, `geometry` must be the call's geometry; without
-        one, `positions` are the rotary positions the trunk used (default 0..T-1)."""
+        one, `positions` are the rotary positions the trunk used (default 0..T-1). lazy: head 1's alone where the
+        others are a function of it (every kind but `layer`), for `head_state` to project only where needed."""
         normed = decoder.norm(hidden)
+        if self.kind != "layer":
+            return [normed] if lazy else [normed] + [self.project(k, normed) for k in range(1, self.num_heads)]
         out = [normed]
-        if self.kind == "linear":
-            out += [normed] * (self.num_heads - 1)
-        elif self.kind == "latent":
-            out += [normed @ a.T for a in self.latent]
-        elif self.kind == "medusa":
-            out += [normed + nn.functional.silu(b(normed)) for b in self.blocks]
-        elif self.num_heads > 1:
+        if self.num_heads > 1:
             if cache is None:
                 geometry = causal_geometry(hidden, positions)
             base = decoder.cfg.n_layers
             for j, (layer, norm) in enumerate(zip(self.layers, self.norms)):
                 out.append(norm(layer(hidden, decoder.rotary, geometry, cache, base + j)))
         return out
+
+    def project(self, head: int, normed: Tensor) -> Tensor:
+        """State of head `head` (0-based, >= 1; not for `layer` heads) from the final-normed trunk state."""
+        if self.kind == "latent":
+            return normed @ self.latent[head - 1].T
+        if self.kind == "medusa":
+            return normed + nn.functional.silu(self.blocks[head - 1](normed))
+        return normed  # linear: the head's own projection is in `logits`
+
+    def head_state(self, states: list, head: int, index: tuple) -> Tensor:
+        """State of head `head` (0-based) at positions `index` (advanced index into (B, T)) of `states` as returned by
+        `states`, lazy or not."""
+        if head < len(states):
+            return states[head][index]
+        return self.project(head, states[0][index])
 
     def logits(self, decoder: LlamaDecoder, head: int, state: Tensor) -> Tensor:
         """Logits of head `head` (0-based: 0 is the LM head) from its state."""

@@ -139,17 +139,32 @@ class KVCache:
         if self.prefix_lens is not None:
             self.prefix_lens = self.prefix_lens.index_select(0, rows)
 
-    def call_geometry(self, num_new: int) -> Geometry:
+    def move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
+        """In every layer, copy the keys and values of cache rows `rows` (n,) at slots src (n, A) to slots dst (n, A):
+        an accepted path of a draft tree goes where a chain would have put it."""
+        r = rows[:, None]
+        self.k[:, r, :, dst] = self.k[:, r, :, src]
+        self.v[:, r, :, dst] = self.v[:, r, :, src]
+
+    def call_geometry(self, num_new: int, offsets: Optional[Tensor] = None, visible: Optional[Tensor] = None
+                      ) -> Geometry:
         """Slots and rotary positions (B, T), attention mask (B, 1, T, S) and key span S of a call adding `num_new`
-        positions."""
+        positions. By default they form a chain; a draft tree (see `mtp_asr.decode.tree`) gives each new position
+        its rotary offset from the row's length (B, T) and the new positions it may see (B, T, T)."""
         if int(self.lengths.max()) + num_new > self.max_len:
             raise RuntimeError(f"KV cache overflow: {int(self.lengths.max())} + {num_new} > {self.max_len} positions")
-        offsets = torch.arange(num_new, device=self.lengths.device)
-        slots = self.lengths[:, None] + offsets  # (B, T)
+        slots = self.lengths[:, None] + torch.arange(num_new, device=self.lengths.device)  # (B, T)
         span = int(slots.max()) + 1
         keys = torch.arange(span, device=self.lengths.device)
-        mask = keys[None, None, :] <= slots[:, :, None]  # (B, T, S)
-        positions = slots if self.prefix_lens is None else rotary_positions(slots, self.prefix_lens, self.prefix_rate)
+        if visible is None:
+            mask = keys[None, None, :] <= slots[:, :, None]  # (B, T, S)
+        else:
+            rel = keys[None, :] - self.lengths[:, None]  # (B, S): a key's index in the new block
+            seen = visible.gather(2, rel.clamp(0, num_new - 1)[:, None, :].expand(-1, num_new, -1))
+            mask = (rel < 0)[:, None, :] | (seen & (rel < num_new)[:, None, :])
+        virtual = slots if offsets is None else self.lengths[:, None] + offsets
+        positions = virtual if self.prefix_lens is None else rotary_positions(virtual, self.prefix_lens,
+                                                                             self.prefix_rate)
         return Geometry(slots, positions, mask[:, None], span)
 
 

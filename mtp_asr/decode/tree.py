@@ -1,0 +1,170 @@
+"""Draft trees for verification decoding: several candidate continuations checked in one decoder call.
+
+Blockwise parallel decoding verifies one chain of drafts: head k's top token for position +k. When head 2's top
+token is wrong, the call keeps nothing even if its second choice was right. A draft tree (Medusa's tree attention,
+Cai et al. 2024) verifies the combinations of each head's top-w_k tokens at once: a node is one candidate token,
+placed one rotary position after its parent and attending only to the cache and to its ancestors, so every
+root-to-node path is scored exactly as if it had been fed alone. A node is accepted when its token is head 1's
+argmax at its parent and its parent was accepted; siblings hold different tokens, so the accepted nodes form one
+path, and the output stays identical to greedy decoding. After the call the accepted path's keys and values are
+moved to the cache slots a chain would have used (`KVCache.move`).
+
+Widths (w_2, ..., w_K) make the tree the product of the heads' top-w_k lists: (1, 1, 1) is the chain, (3, 2, 1) has
+3 + 6 + 6 = 15 nodes. External drafts (ctc-verify's CTC continuation) are one more path, merged into the same trie.
+"""
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DraftTree:
+    """Nodes in insertion order (a parent always before its children); parent -1 is the root, the position that
+    precedes the drafts. sources: 0 an external draft, k >= 2 head k."""
+
+    tokens: list = field(default_factory=list)
+    parents: list = field(default_factory=list)
+    sources: list = field(default_factory=list)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[tuple]) -> "DraftTree":
+        """The trie of (tokens, sources) paths from the root; a shared prefix is one set of nodes (the first path's
+        sources)."""
+        tree, index = cls(), {}
+        for tokens, sources in paths:
+            parent = -1
+            for tok, src in zip(tokens, sources):
+                key = (parent, tok)
+                if key not in index:
+                    index[key] = len(tree.tokens)
+                    tree.tokens.append(tok)
+                    tree.parents.append(parent)
+                    tree.sources.append(src)
+                parent = index[key]
+        return tree
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == n - 1 for n, p in enumerate(self.parents))
+
+    def depths(self) -> list:
+        out = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    def path(self, node: int) -> list:
+        """Node indices from the root's child down to `node` (empty for the root, -1)."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return out[::-1]
+
+
+def head_paths(candidates: Sequence[Sequence[int]], widths: Sequence[int]) -> list:
+    """(tokens, sources) paths of the product tree: candidates[j] are head (j+2)'s tokens, best first."""
+    ranks = itertools.product(*(range(w) for w in widths))
+    return [([candidates[j][r] for j, r in enumerate(rank)], list(range(2, 2 + len(rank)))) for rank in ranks]
+
+
+def parse_widths(text: str) -> tuple:
+    """'3,2,1' -> (3, 2, 1): candidates verified per head 2..K."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise ValueError(f"--draft-tree must be comma-separated integers, one per head 2..K (got {text!r})") from None
+    if not widths or min(widths) < 1:
+        raise ValueError(f"--draft-tree widths must be >= 1 (got {text!r})")
+    return widths
+
+
+class TreeBatch:
+    """The drafts of a decoder call, one tree per row, after each row's pending tokens; tensors (B, q) over nodes."""
+
+    def __init__(self, trees: Sequence[DraftTree], n_pending: Tensor, width: int):
+        self.trees = list(trees)
+        B, device = len(trees), n_pending.device
+        self.q = max([len(t) for t in trees] + [0])
+        self.tokens = torch.zeros(B, self.q, dtype=torch.long)
+        self.parents = torch.full((B, self.q), -1, dtype=torch.long)
+        self.depth = torch.zeros(B, self.q, dtype=torch.long)
+        self.valid = torch.zeros(B, self.q, dtype=torch.bool)
+        for i, t in enumerate(trees):
+            n = len(t)
+            if n:
+                self.tokens[i, :n] = torch.tensor(t.tokens)
+                self.parents[i, :n] = torch.tensor(t.parents)
+                self.depth[i, :n] = torch.tensor(t.depths())
+                self.valid[i, :n] = True
+        self.max_depth = int(self.depth.max()) if self.q else 0
+        self.offsets = self.visible = None
+        if not all(t.is_chain for t in trees):
+            self.offsets, self.visible = self._geometry(n_pending.cpu(), width)
+        self.tokens, self.parents, self.depth, self.valid = (
+            x.to(device) for x in (self.tokens, self.parents, self.depth, self.valid))
+        self.offsets = None if self.offsets is None else self.offsets.to(device)
+        self.visible = None if self.visible is None else self.visible.to(device)
+
+    def _geometry(self, n_pending: Tensor, width: int) -> tuple:
+        """Rotary offsets (B, T) from each row's cache length and which block positions each one sees (B, T, T):
+        pending tokens (and padding) causally, a node the pending tokens, its ancestors and itself."""
+        B, q = self.parents.shape
+        rows = torch.arange(B)[:, None]
+        # ancestors[b, n, m]: node m is node n or one of its ancestors (follow the parents up the tree)
+        ancestors = torch.eye(q, dtype=torch.bool).repeat(B, 1, 1)
+        up = self.parents
+        for _ in range(self.max_depth - 1):
+            hit = up >= 0
+            ancestors[rows.expand(-1, q)[hit], torch.arange(q).expand(B, -1)[hit], up[hit]] = True
+            up = torch.where(hit, self.parents.gather(1, up.clamp(min=0)), up)
+        t = torch.arange(width)
+        node = t[None, :] - n_pending[:, None]  # (B, T): node index of each block position
+        is_node = (node >= 0) & (node < self.valid.sum(1, keepdim=True))
+        n = node.clamp(0, max(q - 1, 0))
+        sees_ancestor = ancestors[rows[:, :, None], n[:, :, None], n[:, None, :]] & is_node[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        visible = torch.where(is_node[:, :, None], (node < 0)[:, None, :] | sees_ancestor, causal)
+        offsets = torch.where(is_node, n_pending[:, None] - 1 + self.depth.gather(1, n), t)
+        return offsets, visible
+
+    def accept(self, head1: Tensor) -> tuple[Tensor, Tensor]:
+        """head1 (B, q+1): head 1's argmax at the root (column 0) and at each node (column 1+n). Returns the accepted
+        depth per row and the column of the last kept position (0: the root)."""
+        B = head1.shape[0]
+        if not self.q:
+            zero = torch.zeros(B, dtype=torch.long, device=head1.device)
+            return zero, zero
+        ok = self.valid & (self.tokens == head1.gather(1, self.parents + 1))
+        accepted = ok
+        root = torch.ones(B, 1, dtype=torch.bool, device=head1.device)
+        for _ in range(self.max_depth - 1):  # a node stays accepted if its parent is
+            accepted = ok & torch.cat([root, accepted], 1).gather(1, self.parents + 1)
+        depth = torch.where(accepted, self.depth, 0)
+        best, node = depth.max(dim=1)
+        return best, torch.where(best > 0, node + 1, 0)
+
+
+def move_plan(batch: TreeBatch, last_cols: list, n_pending: list, lengths: list) -> Optional[tuple]:
+    """Cache slots to copy so the accepted path of each row sits where a chain would have put it:
+    (row indices, source slots, target slots) as lists, or None when every accepted path is in place already."""
+    rows, src, dst = [], [], []
+    for i, (col, p, n) in enumerate(zip(last_cols, n_pending, lengths)):
+        path = batch.trees[i].path(col - 1) if col else []
+        if path != list(range(len(path))):
+            rows.append(i)
+            src.append([n + p + node for node in path])
+            dst.append([n + p + j for j in range(len(path))])
+    if not rows:
+        return None
+    width = max(len(s) for s in src)
+    for s, d in zip(src, dst):  # pad with repeats of the last copy (idempotent)
+        s += s[-1:] * (width - len(s))
+        d += d[-1:] * (width - len(d))
+    return rows, src, dst
