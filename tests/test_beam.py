@@ -320,17 +320,26 @@ def test_decode_and_benchmark_commands(tmp_path):
     refused = CliRunner().invoke(main, args[:5] + ["--method", "greedy", "--beam-size", "3", "--out-dir", str(out)])
     assert refused.exit_code != 0 and "--beam-size" in refused.output
 
+    # a draft tree: its own result files and summary field; wrong widths for the model are refused by name
+    args = ["decode", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]), "--method", "mtp-verify",
+            "--draft-tree", "2,2", "--batch-size", "2", "--device", "cpu", "--out-dir", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    summary = json.loads((out / "summary-valid-epoch-1-mtp-verify-tree2x2-bs2.json").read_text())
+    assert summary["draft_tree"] == [2, 2]
+    wrong = CliRunner().invoke(main, args[:8] + ["2,2,2"] + args[9:])
+    assert wrong.exit_code != 0 and "--draft-tree) needs 2 widths" in wrong.output
+
     bench = tmp_path / "bench"
     result = CliRunner().invoke(main, ["benchmark", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]),
                                        "--batch-sizes", "2", "--threshold", "0.5", "--beam-size", "2", "--device",
                                        "cpu", "--num-threads", "1", "--max-draft", "4", "--max-draft", "32",
-                                       "--out-dir", str(bench)])
+                                       "--draft-tree", "3,2", "--out-dir", str(bench)])
     assert result.exit_code == 0, result.output
     rows = json.loads((bench / "benchmark.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["greedy", "mtp-threshold-tau0.5", "mtp-verify", "ctc-verify-D4",
-                                           "ctc-verify-D32", "beam-B2", "mtp-beam-tau0.5-B2"]
-    for d in (4, 32):
-        assert next(r for r in rows if r["method"] == f"ctc-verify-D{d}")["same_as_greedy"] == 1.0
+    assert [r["method"] for r in rows] == ["greedy", "mtp-threshold-tau0.5", "mtp-verify", "mtp-verify-tree3x2",
+                                           "ctc-verify-D4", "ctc-verify-D32", "beam-B2", "mtp-beam-tau0.5-B2"]
+    for name in ("mtp-verify-tree3x2", "ctc-verify-D4", "ctc-verify-D32"):
+        assert next(r for r in rows if r["method"] == name)["same_as_greedy"] == 1.0
 
 
 def test_sweep_plot_reuses_a_fresh_greedy_summary(tmp_path, monkeypatch):

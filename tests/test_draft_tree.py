@@ -134,7 +134,7 @@ def test_ctc_verify_with_a_head_tree_equals_greedy():
 def test_tree_argument_errors():
     lm = tiny_lm(num_heads=3)
     prefix, lens, _ = random_batch(lm, 2, 0)
-    with pytest.raises(ValueError, match="draft_tree needs 2 widths"):
+    with pytest.raises(ValueError, match="needs 2 widths"):
         generate(lm, prefix, lens, "mtp-verify", draft_tree=(2, 2, 2))
-    with pytest.raises(ValueError, match="draft_tree needs 1 widths"):
+    with pytest.raises(ValueError, match="needs 1 widths"):
         generate(lm, prefix, lens, "mtp-verify", num_heads=2, draft_tree=(2, 0))

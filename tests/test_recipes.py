@@ -55,6 +55,8 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
             want = {"greedy", "mtp-verify", "mtp-beam"} | ({"mtp-threshold", "ctc-verify", "beam"}
                                                           if model.startswith("avg") else set())
             assert methods == want, (model, methods)
+            trees = [r["draft_tree"] for r in these if r["method"] == "mtp-verify" and r["draft_tree"]]
+            assert trees == ([[4, 4, 4]] if model.startswith("avg") else []), (model, trees)
             greedy = next(r for r in these if r["method"] == "greedy")
             for r in these:
                 if r["method"] in ("mtp-verify", "ctc-verify"):
@@ -129,6 +131,7 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
     assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
     base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2-distilled"}
     assert base == {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"}
+    assert sum(r["draft_tree"] == [4, 4, 4] for r in rows) == 2  # mtp-verify with a draft tree, per test part
     assert {r["method"] for r in rows if r["checkpoint"] == "epoch-1"} == {"greedy", "mtp-verify", "mtp-beam"}  # MWER
     assert all(r["num_utts"] == 3 for r in rows)
     assert (recipe / "data" / "manifests" / "cuts_train-clean-100.jsonl.gz").is_file()

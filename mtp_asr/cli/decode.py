@@ -66,6 +66,13 @@ def widths_option(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def check_draft_tree(method: str, draft_tree) -> tuple:
+    if draft_tree and method not in ("mtp-verify", "ctc-verify"):
+        raise click.BadParameter(f"applies to mtp-verify and ctc-verify only, not --method {method}",
+                                 param_hint="--draft-tree")
+    return draft_tree or ()
+
+
 def beam_options(method: str, **options) -> dict:
     """The beam-search options that were given (the library's defaults stand for the others); refused for the
     other methods, where they would silently do nothing."""
@@ -103,7 +110,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
     from mtp_asr.decode.run import resolve_checkpoint, run_decode
 
     options = {**beam_options(method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
-               "max_draft": max_draft, "draft_tree": draft_tree or ()}
+               "max_draft": max_draft, "draft_tree": check_draft_tree(method, draft_tree)}
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     out_dir = out_dir or path.parent / method
     run_decode(path, n_avg, name, manifests, method, thresholds, num_heads, batch_size, out_dir, device, **options)
@@ -164,7 +171,8 @@ def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, m
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
 
-    settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft, draft_tree=draft_tree or (),
+    settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft,
+                              draft_tree=check_draft_tree(method, draft_tree),
                               **beam_options(method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     for name, text in transcribe_files(path, n_avg, files, settings, device):

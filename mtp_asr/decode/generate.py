@@ -5,8 +5,10 @@ Each call feeds every live row a block `[pending tokens][drafts]` (right-padded 
 after that row's accepted positions (see `mtp_asr.model.llama` for the per-row cache lengths):
 
 - pending tokens are already part of the output but not yet in the cache;
-- drafts are guesses, checked in this very call: draft j is accepted when it equals head 1's argmax at the position
-  before it and every earlier draft was accepted (blockwise parallel decoding, Stern et al. 2018).
+- drafts are guesses, checked in this very call: a draft is accepted when it equals head 1's argmax at the position
+  before it and the drafts before it were accepted (blockwise parallel decoding, Stern et al. 2018). The drafts of
+  a row form a tree (`mtp_asr.decode.tree`): a chain by default, or with `draft_tree` every combination of the heads'
+  top candidates, verified at once with tree attention; the accepted path is the longest one that matches.
 
 Head 1's argmax at the last kept position is always emitted (the correction after a rejected draft, or a bonus token
 after all were accepted). What happens with heads 2..K at that position is the method:
@@ -14,10 +16,12 @@ after all were accepted). What happens with heads 2..K at that position is the m
 - `greedy` (K = 1): nothing; one token per call.
 - `mtp-threshold`: head k's argmax is emitted too while every earlier one was and its probability >= tau; all the
   emitted tokens are fed (pending) in the next call. Lossy.
-- `mtp-verify`: heads 2..K give the next call's drafts. Output identical to greedy.
-- `ctc-verify`: drafts come from an external sequence per row (the encoder's CTC transcript, see
-  `mtp_asr.decode.drafts`), up to `max_draft` tokens per call and already in the prefill call, re-aligned to what was
-  emitted after each rejection; heads 2..K draft once it is used up. Output identical to greedy.
+- `mtp-verify`: heads 2..K give the next call's drafts (their top-w_k tokens with a draft tree). Output identical to
+  greedy.
+- `ctc-verify`: an external sequence per row (the encoder's CTC transcript, see `mtp_asr.decode.drafts`) drafts up to
+  `max_draft` tokens per call, already in the prefill call, re-aligned to what was emitted after each rejection; the
+  heads' drafts are verified beside it as another branch of the same tree, so a call keeps whichever source guessed
+  further. Output identical to greedy.
 
 A row leaves the batch (and its cache rows are dropped) once it emits EOS or reaches its length limit.
 Decoder calls are counted per utterance (the calls its row took part in, independent of batching) and per batch.
@@ -79,7 +83,8 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     verify = method in ("mtp-verify", "ctc-verify")
     widths = tuple(draft_tree) or (1,) * (K - 1)
     if verify and (len(widths) != K - 1 or min(widths, default=1) < 1):
-        raise ValueError(f"draft_tree needs {K - 1} widths >= 1, one per head 2..{K} (got {tuple(draft_tree)})")
+        raise ValueError(f"the draft tree (--draft-tree) needs {K - 1} widths >= 1, one per head 2..{K} "
+                         f"(got {tuple(draft_tree)})")
     aligners = [DraftAligner(d) for d in draft_sequences(drafts, lm.eos_id)] if method == "ctc-verify" else None
 
     lookahead = (max_draft if aligners else 0) + sum(math.prod(widths[:j + 1]) for j in range(K - 1)) + K

@@ -35,6 +35,12 @@ def add_speedups(rows: list) -> list:
     return rows
 
 
+def method_name(s: dict) -> str:
+    """The method, with its draft tree when it verifies one (e.g. `mtp-verify tree 4x4x4`)."""
+    tree = s.get("draft_tree")
+    return s["method"] + (" tree " + "x".join(map(str, tree)) if tree and max(tree) > 1 else "")
+
+
 def markdown(rows: list) -> str:
     head = ("| test set | model | method | tau | beam | WER % | decoder calls | tokens/call | decoder s | wall s | "
             "speed-up (calls) | speed-up (wall) | RTF |")
@@ -42,7 +48,7 @@ def markdown(rows: list) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for s in rows:
         lines.append(
-            f"| {s['test_set']} | {s.get('checkpoint') or '-'} | {s['method']} | {fmt(s.get('threshold'), 'g')} | {fmt(s.get('beam_size'), 'd')} | "
+            f"| {s['test_set']} | {s.get('checkpoint') or '-'} | {method_name(s)} | {fmt(s.get('threshold'), 'g')} | {fmt(s.get('beam_size'), 'd')} | "
             f"{s['wer']:.2f} | {s['num_decoder_calls']} | {s['tokens_per_call']:.2f} | {s['decoder_seconds']:.2f} | "
             f"{s['wall_seconds']:.2f} | {fmt(s['speedup_calls'], '.2f')}x | {fmt(s['speedup_seconds'], '.2f')}x | "
             f"{s['rtf']:.4f} |")
@@ -56,11 +62,11 @@ def summarize(dirs: Sequence[Path], out: Path) -> str:
         raise FileNotFoundError(f"no summary-*.json files under {', '.join(map(str, dirs))}")
     order = {"greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "beam": 4, "mtp-beam": 5}
     rows.sort(key=lambda s: (s["test_set"], s.get("checkpoint", ""), order.get(s["method"], 9),
-                             s.get("threshold") or 0, s.get("beam_size") or 0))
+                             s.get("draft_tree") or [], s.get("threshold") or 0, s.get("beam_size") or 0))
     add_speedups(rows)
     out = Path(out)
-    atomic_write_text(out, json.dumps([{k: s.get(k) for k in COLUMNS + ("checkpoint", "batch_size", "num_utts",
-                                                                       "num_tokens", "file")} for s in rows],
+    atomic_write_text(out, json.dumps([{k: s.get(k) for k in COLUMNS + ("checkpoint", "batch_size", "draft_tree",
+                                                                       "num_utts", "num_tokens", "file")} for s in rows],
                                       indent=2) + "\n")
     table = markdown(rows)
     atomic_write_text(out.with_suffix(".md"), table + "\n")

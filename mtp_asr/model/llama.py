@@ -5,10 +5,11 @@ Parameter names follow Hugging Face's `LlamaForCausalLM` (minus its `model.` pre
 
 Per-row cache lengths: row r of the cache holds `lengths[r]` valid positions. A call with T new embeddings writes them
 at slots `lengths[r] .. lengths[r]+T-1` and query i of row r attends to keys `< lengths[r] + i + 1`. Rotary positions
-are the slot numbers, or, for a cache made with a prefix rate, those of `rotary_positions`. The call does not advance
-`lengths`: the decoding algorithm decides afterwards how many of the T positions it keeps (`cache.lengths +=
-accepted`); anything past the new length is stale, masked out, and overwritten by the next call. Prefill is the same
-with lengths 0 and right-padded prompts.
+are the slot numbers, or, for a cache made with a prefix rate, those of `rotary_positions`. (A draft tree changes the
+last two for its nodes: one position after the parent, attending to the ancestors only; see `call_geometry` and
+`mtp_asr.decode.tree`.) The call does not advance `lengths`: the decoding algorithm decides afterwards how many of
+the T positions it keeps (`cache.lengths += accepted`); anything past the new length is stale, masked out, and
+overwritten by the next call. Prefill is the same with lengths 0 and right-padded prompts.
 """
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
