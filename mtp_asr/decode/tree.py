@@ -86,31 +86,25 @@ def parse_widths(text: str) -> tuple:
 
 
 class TreeBatch:
-    """The drafts of a decoder call, one tree per row, after each row's pending tokens; tensors (B, q) over nodes."""
+    """The drafts of a decoder call, one tree per row, after each row's pending tokens; tensors (B, q) over nodes.
+    When every tree is a chain (plain blockwise parallel decoding) no tree geometry is built."""
 
     def __init__(self, trees: Sequence[DraftTree], n_pending: Tensor, width: int):
         self.trees = list(trees)
-        B, device = len(trees), n_pending.device
-        self.q = max([len(t) for t in trees] + [0])
-        self.tokens = torch.zeros(B, self.q, dtype=torch.long)
-        self.parents = torch.full((B, self.q), -1, dtype=torch.long)
-        self.depth = torch.zeros(B, self.q, dtype=torch.long)
-        self.valid = torch.zeros(B, self.q, dtype=torch.bool)
-        for i, t in enumerate(trees):
-            n = len(t)
-            if n:
-                self.tokens[i, :n] = torch.tensor(t.tokens)
-                self.parents[i, :n] = torch.tensor(t.parents)
-                self.depth[i, :n] = torch.tensor(t.depths())
-                self.valid[i, :n] = True
-        self.max_depth = int(self.depth.max()) if self.q else 0
+        device = n_pending.device
+        self.q = q = max([len(t) for t in trees] + [0])
+        pad = lambda xs, fill: xs + [fill] * (q - len(xs))  # noqa: E731
+        self.tokens = torch.tensor([pad(t.tokens, 0) for t in trees], dtype=torch.long).view(len(trees), q)
+        self.valid = torch.arange(q) < torch.tensor([len(t) for t in trees])[:, None]
+        self.chain = all(t.is_chain for t in trees)
         self.offsets = self.visible = None
-        if not all(t.is_chain for t in trees):
-            self.offsets, self.visible = self._geometry(n_pending.cpu(), width)
-        self.tokens, self.parents, self.depth, self.valid = (
-            x.to(device) for x in (self.tokens, self.parents, self.depth, self.valid))
-        self.offsets = None if self.offsets is None else self.offsets.to(device)
-        self.visible = None if self.visible is None else self.visible.to(device)
+        if not self.chain:
+            self.parents = torch.tensor([pad(t.parents, -1) for t in trees], dtype=torch.long)
+            self.depth = torch.tensor([pad(t.depths(), 0) for t in trees], dtype=torch.long)
+            self.max_depth = int(self.depth.max())
+            self.offsets, self.visible = (x.to(device) for x in self._geometry(n_pending.cpu(), width))
+            self.parents, self.depth = self.parents.to(device), self.depth.to(device)
+        self.tokens, self.valid = self.tokens.to(device), self.valid.to(device)
 
     def _geometry(self, n_pending: Tensor, width: int) -> tuple:
         """Rotary offsets (B, T) from each row's cache length and which block positions each one sees (B, T, T):
@@ -141,6 +135,9 @@ class TreeBatch:
         if not self.q:
             zero = torch.zeros(B, dtype=torch.long, device=head1.device)
             return zero, zero
+        if self.chain:  # node n's parent is node n-1: the leading run of matches
+            accepted = (self.valid & (self.tokens == head1[:, :-1])).long().cumprod(dim=1).sum(dim=1)
+            return accepted, accepted
         ok = self.valid & (self.tokens == head1.gather(1, self.parents + 1))
         accepted = ok
         root = torch.ones(B, 1, dtype=torch.bool, device=head1.device)
