@@ -101,3 +101,35 @@ def test_lattice_paths_are_rescored_like_the_search_scored_them():
                                   [p.positions for p in flat])
     for p, r in zip(flat, rescored):
         assert float(r.detach().sum()) == pytest.approx(p.score, rel=1e-5)
+
+
+def test_ce_head_weights_keep_heads_off_the_references(tmp_path):
+    """With a 1-best list the MWER term has no gradient, so only the cross-entropy trains: with ce_head_weights
+    [1, 0] head 2 stays exactly as it was (no weight decay here), with the model's own weights it moves. A list of
+    the wrong length is refused before training."""
+    from mtp_asr.config import ConfigError
+    from mtp_asr.train.checkpoint import load_checkpoint
+    from mtp_asr.train.run import train_mwer, train_speech
+
+    corpus = make_corpus(tmp_path / "corpus", n_train=8, n_valid=4)
+    cfg = tiny_train_config(corpus, num_epochs=1)
+    assert train_speech(cfg, tmp_path / "ce") == 0
+    init = tmp_path / "ce" / "epoch-1.pt"
+    base = {"data": cfg["data"], "optim": {"lr": 1e-2, "warmup_steps": 1, "schedule": "constant", "weight_decay": 0.0},
+            "nbest": 1, "beam_size": 1, "threshold": 0.6, "ce_weight": 1.0, "num_epochs": 1, "seed": 3,
+            "spec_augment": {"enabled": False}}
+
+    def head2_and_trunk(path):
+        model = load_checkpoint(path)["model"]
+        return model["lm.heads.latent.0"], model["lm.decoder.layers.0.mlp.up_proj.weight"]
+
+    head2, trunk = head2_and_trunk(init)
+    assert train_mwer({**base, "ce_head_weights": [1.0, 0.0]}, tmp_path / "head1", init) == 0
+    kept, trained = head2_and_trunk(tmp_path / "head1" / "epoch-1.pt")
+    assert torch.equal(kept, head2) and not torch.equal(trained, trunk)
+    assert train_mwer(base, tmp_path / "all", init) == 0
+    assert not torch.equal(head2_and_trunk(tmp_path / "all" / "epoch-1.pt")[0], head2)
+
+    with pytest.raises(ConfigError, match="ce_head_weights has 3 values for a model with 2 heads"):
+        train_mwer({**base, "ce_head_weights": [1.0, 0.0, 0.0]}, tmp_path / "wrong", init)
+    assert not (tmp_path / "wrong" / "epoch-1.pt").exists()

@@ -38,6 +38,9 @@ class MWERConfig(SpeechTrainConfig):
     num_heads: Optional[int] = None  # heads the search uses (default: all)
     length_norm: float = 0.5  # as in decoding
     ce_weight: float = 0.1  # lambda: the cross-entropy on the references keeps the model anchored
+    # Per-head weights of that cross-entropy (length K; default: the model's own head weights). [1, 0, ..., 0] keeps
+    # heads 2..K off the references, e.g. after self-distillation fitted them to the model's own output.
+    ce_head_weights: Optional[list] = None
     mwer_source: str = "nbest"  # nbest: the search's N-best; lattice: paths sampled from its lattice
     lattice_backend: str = "auto"  # lattice operations: k2 when installed (auto), or builtin, or k2
     lattice_scale: float = 0.5  # paths are sampled in proportion to exp(scale x score) (k2's nbest_scale)
@@ -48,6 +51,8 @@ class MWERConfig(SpeechTrainConfig):
             raise ConfigError(f"nbest must be in 1..beam_size (got nbest {self.nbest}, beam_size {self.beam_size})")
         if self.threshold < 0 or self.ce_weight < 0:
             raise ConfigError("threshold and ce_weight must be >= 0")
+        if self.ce_head_weights is not None and (not self.ce_head_weights or min(self.ce_head_weights) < 0):
+            raise ConfigError(f"ce_head_weights must be a non-empty list of weights >= 0 (got {self.ce_head_weights})")
         if self.mwer_source not in MWER_SOURCES:
             raise ConfigError(f"mwer_source must be one of {', '.join(MWER_SOURCES)} (got {self.mwer_source!r})")
         if self.lattice_backend not in ("auto", "builtin", "k2"):
@@ -71,6 +76,9 @@ class MWERTask(SpeechTask):
     def __init__(self, model, cfg: MWERConfig, tokenizer):
         super().__init__(model, cfg, tokenizer)
         self.backend = get_backend(cfg.lattice_backend) if cfg.mwer_source == "lattice" else None
+        weights = cfg.ce_head_weights
+        if weights is not None and len(weights) != model.num_heads:
+            raise ConfigError(f"ce_head_weights has {len(weights)} values for a model with {model.num_heads} heads")
 
     def search(self, feats, lens) -> tuple[list, list, list]:
         """Hypotheses to re-score per utterance (N-best, or paths sampled from the search's lattice), decoder calls
@@ -104,7 +112,8 @@ class MWERTask(SpeechTask):
         if model.training:
             feats = self.augment(feats, lens)
         nbest, calls, best = self.search(feats, lens)
-        out = model(feats, lens, batch["tokens"], ctc_weight=self.cfg.ctc_weight, nbest=nbest)
+        out = model(feats, lens, batch["tokens"], head_weights=self.cfg.ce_head_weights, ctc_weight=self.cfg.ctc_weight,
+                    nbest=nbest)
         texts = [[self.tokenizer.decode(h.tokens) for h in hyps] for hyps in nbest]
         mwer_total = out.loss.new_zeros(())
         expected = mean_errs = oracle = ref_words = tokens = 0.0
