@@ -130,7 +130,8 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
               help="Draft tokens verified per call in the ctc-verify rows (default 32); repeatable. Each call costs "
                    "in proportion to the positions it verifies where compute is the bottleneck (a CPU).")
 @click.option("--draft-tree", "draft_trees", multiple=True, callback=widths_option,
-              help="Also run mtp-verify with this draft tree (widths per head 2..K, e.g. 3,2,1); repeatable.")
+              help="Also run mtp-verify and ctc-verify with this draft tree (widths per head 2..K, e.g. 3,2,1); "
+                   "repeatable.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,

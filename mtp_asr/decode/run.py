@@ -122,8 +122,8 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
                   beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,),
                   draft_trees: Sequence[tuple] = ()) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
-    greedy run; `mtp-verify` with a chain and with each of `draft_trees`; `ctc-verify` at every draft length in
-    `max_drafts` (for a model with a CTC head); `beam` and
+    greedy run; `mtp-verify` and `ctc-verify` (for a model with a CTC head, at every draft length in `max_drafts`)
+    with a chain of head drafts and with each of `draft_trees`; `beam` and
     `mtp-beam` (at every threshold) too when a beam size is given. Writes benchmark.json and benchmark.md; returns
     the rows."""
     dev = pick_device(device)
@@ -135,7 +135,8 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
     methods = [DecodeSettings("greedy")] + [DecodeSettings("mtp-threshold", t) for t in thresholds] + [
         DecodeSettings("mtp-verify")] + [DecodeSettings("mtp-verify", draft_tree=w) for w in draft_trees]
     if model.encoder.ctc_head is not None:
-        methods += [DecodeSettings("ctc-verify", max_draft=d) for d in max_drafts]
+        methods += [DecodeSettings("ctc-verify", max_draft=d, draft_tree=w) for d in max_drafts
+                    for w in [()] + list(draft_trees)]
     if beam_size:
         methods += [DecodeSettings("beam", beam_size=beam_size)] + [
             DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds]
