@@ -122,7 +122,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         correction = g[ar, last_col]
         last = n_pending - 1 + last_col  # the last kept position in this call's block
         acc_l, col_l, pend_l = accepted.tolist(), last_col.tolist(), n_pending.tolist()
-        plan = move_plan(tree, col_l, pend_l, cache.lengths.tolist()) if tree.offsets is not None else None
+        plan = None if tree.chain else move_plan(tree, col_l, pend_l, cache.lengths.tolist())
         if plan:
             cache.move(*(torch.tensor(x, device=device) for x in plan))
         cache.lengths += n_pending + accepted
