@@ -38,7 +38,7 @@ def test_tree_geometry_and_acceptance():
     batch = TreeBatch(trees, n_pending, width=6)
     g = cache.call_geometry(6, batch.offsets, batch.visible)
     assert g.positions[0].tolist() == [3, 4, 5, 6, 5, 6]  # pending 3, 4; a, b; c, d
-    assert g.positions[1].tolist() == [5, 6, 7, 8, 9, 10]  # pending, two chain nodes, padding
+    assert g.positions[1].tolist() == [5, 6, 7, 5, 5, 5]  # pending, two chain nodes, padding (at the root's)
     mask = g.mask[0, 0].int()
     # keys: cache slots 0..2, then the block at 3..8 (pending p0 p1, nodes a b c d)
     assert mask[:, :3].all()
@@ -129,6 +129,23 @@ def test_ctc_verify_with_a_head_tree_equals_greedy():
         out = decode(lm, prefix, lens, limits, "ctc-verify", drafts=drafts, max_draft=4, draft_tree=widths)
         assert tokens(out) == tokens(greedy)
         assert out.accepted_external > 0
+
+
+@pytest.mark.parametrize("widths", [(), (4, 4)])
+def test_verification_up_to_the_decoder_length_limit(widths):
+    """Rows that run to the last positions the decoder has (max_seq_len 256), batched with a row that stops early and
+    with CTC drafts longer than what is left: drafts stop at the row's limit and padding stays inside the rotary
+    table (this raised an IndexError before), and the output is still greedy's."""
+    lm = tiny_lm("latent", num_heads=3, seed=5)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randn(2, 200, 16, generator=g, dtype=torch.float64)
+    lens, limits = torch.tensor([200, 170]), torch.tensor([48, 48])  # 200 + 48 = 256 - 2K - 2
+    greedy = decode(lm, prefix, lens, limits, "greedy")
+    assert len(greedy.hyps[0].tokens) == 48 and greedy.hyps[1].finished
+    drafts = [torch.randint(3, 16, (60,), generator=g).tolist(), [5, 6, 7]]
+    out = decode(lm, prefix, lens, limits, "ctc-verify", drafts=drafts, max_draft=32, draft_tree=widths)
+    assert tokens(out) == tokens(greedy)
+    assert tokens(decode(lm, prefix, lens, limits, "mtp-verify", draft_tree=widths)) == tokens(greedy)
 
 
 def test_tree_argument_errors():

@@ -99,7 +99,9 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     eos = lm.eos_id
 
     # The first call is the prefill: the prompts are "pending", followed by external drafts if there are any.
-    first = [a.continuation(max_draft) for a in aligners] if aligners else [[] for _ in range(B)]
+    # Drafts never reach past a row's length limit: they could not be emitted, and their positions might not exist.
+    first = ([a.continuation(min(max_draft, int(n))) for a, n in zip(aligners, limits)] if aligners
+             else [[] for _ in range(B)])
     block, _ = lm.append_tokens(prefix, prefix_lens, first)
     n_pending = prefix_lens.clone()
     tree = TreeBatch([DraftTree.from_paths([(d, [0] * len(d))]) for d in first], n_pending, block.shape[1])
@@ -175,7 +177,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
             paths = []
             if aligners:
                 aligners[r].advance(new)
-                external = aligners[r].continuation(max_draft)
+                external = aligners[r].continuation(min(max_draft, int(limits[r]) - len(out[r])))
                 paths.append((external, [0] * len(external)))
             if verify and extra_l:
                 paths += head_paths(extra_l[i], widths)

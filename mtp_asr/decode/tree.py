@@ -125,7 +125,10 @@ class TreeBatch:
         sees_ancestor = ancestors[rows[:, :, None], n[:, :, None], n[:, None, :]] & is_node[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         visible = torch.where(is_node[:, :, None], (node < 0)[:, None, :] | sees_ancestor, causal)
-        offsets = torch.where(is_node, n_pending[:, None] - 1 + self.depth.gather(1, n), t)
+        # Padding after a row's nodes takes the root's position: it is never attended to, and counting on from the
+        # block's width could run past the rotary table near the decoder's length limit.
+        root = (n_pending - 1)[:, None]
+        offsets = torch.where(is_node, root + self.depth.gather(1, n), torch.where(node < 0, t, root))
         return offsets, visible
 
     def accept(self, head1: Tensor) -> tuple[Tensor, Tensor]:
