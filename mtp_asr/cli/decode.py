@@ -9,6 +9,7 @@ from mtp_asr.cli.common import library_call
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 METHOD_CHOICES = ["greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"]
 BEAM_METHODS = ("beam", "mtp-beam")
+VERIFY_METHODS = ("mtp-verify", "ctc-verify")
 
 
 def model_options(fn):
@@ -66,19 +67,12 @@ def widths_option(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def check_draft_tree(method: str, draft_tree) -> tuple:
-    if draft_tree and method not in ("mtp-verify", "ctc-verify"):
-        raise click.BadParameter(f"applies to mtp-verify and ctc-verify only, not --method {method}",
-                                 param_hint="--draft-tree")
-    return draft_tree or ()
-
-
-def beam_options(method: str, **options) -> dict:
-    """The beam-search options that were given (the library's defaults stand for the others); refused for the
-    other methods, where they would silently do nothing."""
+def options_for(methods: tuple, method: str, **options) -> dict:
+    """The options that were given (the library's defaults stand for the others); refused for methods other than
+    `methods`, where they would silently do nothing."""
     given = {name: value for name, value in options.items() if value is not None}
-    if given and method not in BEAM_METHODS:
-        raise click.BadParameter(f"applies to {' and '.join(BEAM_METHODS)} only, not --method {method}",
+    if given and method not in methods:
+        raise click.BadParameter(f"applies to {' and '.join(methods)} only, not --method {method}",
                                  param_hint=" / ".join(f"--{name.replace('_', '-')}" for name in given))
     return given
 
@@ -109,8 +103,8 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
     """
     from mtp_asr.decode.run import resolve_checkpoint, run_decode
 
-    options = {**beam_options(method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
-               "max_draft": max_draft, "draft_tree": check_draft_tree(method, draft_tree)}
+    options = {**options_for(BEAM_METHODS, method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
+               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree), "max_draft": max_draft}
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     out_dir = out_dir or path.parent / method
     run_decode(path, n_avg, name, manifests, method, thresholds, num_heads, batch_size, out_dir, device, **options)
@@ -173,8 +167,8 @@ def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, m
     from mtp_asr.decode.runner import DecodeSettings
 
     settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft,
-                              draft_tree=check_draft_tree(method, draft_tree),
-                              **beam_options(method, beam_size=beam_size, length_norm=length_norm))
+                              **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
+                              **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     for name, text in transcribe_files(path, n_avg, files, settings, device):
         click.echo(f"{name}\t{text}")

@@ -15,6 +15,7 @@ from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
 from mtp_asr.decode.drafts import ctc_greedy
 from mtp_asr.decode.generate import METHODS, generate
+from mtp_asr.decode.tree import tree_name
 from mtp_asr.model.speech_llama import SpeechLlama
 from mtp_asr.utils import Progress
 
@@ -71,8 +72,8 @@ class DecodeSettings:
             text += f"-tau{self.threshold:g}"
         if self.method == "ctc-verify":
             text += f"-D{self.max_draft}"
-        if self.draft_tree and max(self.draft_tree) > 1:
-            text += "-tree" + "x".join(map(str, self.draft_tree))
+        if tree_name(self.draft_tree):
+            text += "-tree" + tree_name(self.draft_tree)
         if self.is_beam:
             text += f"-B{self.beam_size}"
             if self.length_norm != DecodeSettings.length_norm:

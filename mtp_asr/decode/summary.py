@@ -36,7 +36,8 @@ def add_speedups(rows: list) -> list:
 
 
 def method_name(s: dict) -> str:
-    """The method, with its draft tree when it verifies one (e.g. `mtp-verify tree 4x4x4`)."""
+    """The method, with its draft tree when it verifies one (e.g. `mtp-verify tree 4x4x4`; as
+    `mtp_asr.decode.tree.tree_name`, which is not imported so that summarising needs no torch)."""
     tree = s.get("draft_tree")
     return s["method"] + (" tree " + "x".join(map(str, tree)) if tree and max(tree) > 1 else "")
 
