@@ -11,6 +11,8 @@ import pytest
 import soundfile as sf
 import yaml
 
+from mtp_asr.train.checkpoint import load_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.environ.get("MTP_ASR_VENV", REPO / "tools" / "venv")) / "bin"
 
@@ -126,7 +128,7 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
 
     proc = run(recipe, "--corpus-dir", corpus, "--lm-conf", "conf/lm_tiny.yaml", "--train-conf", "conf/train_tiny.yaml",
                "--vocab-size", 40, "--lm-epochs", 1, "--asr-epochs", 2, "--avg", 2, "--nj", 1, "--ngpu", 1,
-               "--thresholds", "0.8", "--decode-batch-size", 4)
+               "--thresholds", "0.8", "--decode-batch-size", 4, "--ctc-vocab-size", 28)
     rows = summary_rows(recipe)
     assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
     base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2-distilled"}
@@ -135,4 +137,7 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
     assert {r["method"] for r in rows if r["checkpoint"] == "epoch-1"} == {"greedy", "mtp-verify", "mtp-beam"}  # MWER
     assert all(r["num_utts"] == 3 for r in rows)
     assert (recipe / "data" / "manifests" / "cuts_train-clean-100.jsonl.gz").is_file()
+    # The CTC head has its own 28-piece vocabulary; ctc-verify re-tokenised its drafts (the rows above).
+    ckpt = load_checkpoint(recipe / "exp" / "asr" / "avg-epoch-2-avg-2-distilled.pt")
+    assert ckpt["model_config"]["encoder"]["ctc_vocab_size"] == 28 and "ctc_tokenizer" in ckpt
     assert "stage 7: distill" in proc.stdout and "stage 11: results table" in proc.stdout

@@ -14,13 +14,13 @@ WORDS = ["RED", "GREEN", "BLUE", "CAT", "DOG", "RUNS", "SITS", "THE", "A", "BIG"
 FRAMES_PER_WORD = 12
 
 
-def write_feature_cuts(path: Path, sentences, seed: int) -> Path:
+def write_feature_cuts(path: Path, sentences, seed: int, frames_per_word: int = FRAMES_PER_WORD) -> Path:
     rng = np.random.default_rng(seed)
     patterns = np.random.default_rng(1234).normal(size=(len(WORDS), 80)).astype(np.float32)
     cuts = []
     with LilcomChunkyWriter(str(path.parent / f"{path.name.split('.')[0]}-feats")) as writer:
         for i, sentence in enumerate(sentences):
-            frames = [np.repeat(patterns[WORDS.index(w)][None], FRAMES_PER_WORD, 0) for w in sentence.split()]
+            frames = [np.repeat(patterns[WORDS.index(w)][None], frames_per_word, 0) for w in sentence.split()]
             feats = np.concatenate([np.zeros((4, 80), np.float32)] + frames + [np.zeros((4, 80), np.float32)])
             feats = feats + 0.1 * rng.normal(size=feats.shape).astype(np.float32)
             cut_id = f"{path.name.split('.')[0]}-{i:04d}"
@@ -41,11 +41,11 @@ def random_sentences(n: int, seed: int) -> list:
     return [" ".join(rng.choice(WORDS, size=rng.integers(2, 6))) for _ in range(n)]
 
 
-def make_corpus(root: Path, n_train: int = 24, n_valid: int = 6) -> dict:
+def make_corpus(root: Path, n_train: int = 24, n_valid: int = 6, frames_per_word: int = FRAMES_PER_WORD) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     train_sents, valid_sents = random_sentences(n_train, 1), random_sentences(n_valid, 2)
-    train = write_feature_cuts(root / "cuts_train.jsonl.gz", train_sents, 1)
-    valid = write_feature_cuts(root / "cuts_valid.jsonl.gz", valid_sents, 2)
+    train = write_feature_cuts(root / "cuts_train.jsonl.gz", train_sents, 1, frames_per_word)
+    valid = write_feature_cuts(root / "cuts_valid.jsonl.gz", valid_sents, 2, frames_per_word)
     tokenizer = train_bpe(train_sents + valid_sents + [" ".join(WORDS)], root / "lang", vocab_size=15,
                           model_type="word")
     text = root / "text.txt"

@@ -43,28 +43,27 @@ class AsrDataset(torch.utils.data.Dataset):
 
     `fits(num_frames, num_tokens)`, when given, says whether an utterance fits the model (its prompt and transcript
     within the decoder's positions); those that do not are skipped rather than failing the whole batch.
+    `ctc_tokenizer`, when the CTC head has its own vocabulary, adds its token ids as "ctc_tokens".
     """
 
-    def __init__(self, tokenizer: Optional[Tokenizer] = None, fits: Optional[Callable[[int, int], bool]] = None):
-        self.tokenizer, self.fits = tokenizer, fits
+    def __init__(self, tokenizer: Optional[Tokenizer] = None, fits: Optional[Callable[[int, int], bool]] = None,
+                 ctc_tokenizer: Optional[Tokenizer] = None):
+        self.tokenizer, self.fits, self.ctc_tokenizer = tokenizer, fits, ctc_tokenizer
 
     def __getitem__(self, cuts: CutSet) -> dict:
-        feats, kept, tokens, skipped = [], [], [], 0
+        feats, kept, tokens, ctc_tokens, skipped = [], [], [], [], 0
         for cut in cuts:
             text = cut_text(cut)
-            ids = None
+            ids = ctc_ids = None
             if self.tokenizer is not None:
                 if not text:
                     logger.warning("skipping cut %s: empty transcript", cut.id)
                     skipped += 1
                     continue
-                ids = self.tokenizer.encode(text)
-                if self.tokenizer.unk_id in ids:
-                    # Training on <unk> would teach the model to emit it; the cut's label is unusable as it is.
-                    pieces = self.tokenizer.sp.encode(text, out_type=str)
-                    unknown = " ".join(p for p, i in zip(pieces, ids) if i == self.tokenizer.unk_id)
-                    logger.warning("skipping cut %s: its transcript holds text outside the tokenizer's vocabulary "
-                                   "(%s)", cut.id, unknown)
+                ids = _known_ids(self.tokenizer, text, cut.id, "")
+                if self.ctc_tokenizer is not None:
+                    ctc_ids = _known_ids(self.ctc_tokenizer, text, cut.id, "CTC ")
+                if ids is None or (self.ctc_tokenizer is not None and ctc_ids is None):
                     skipped += 1
                     continue
             try:
@@ -87,6 +86,7 @@ class AsrDataset(torch.utils.data.Dataset):
             feats.append(f)
             kept.append((cut, text))
             tokens.append(ids)
+            ctc_tokens.append(ctc_ids)
         if not kept:
             return {"num_skipped": skipped, "cut_ids": []}
         x, lens = pad_features(feats)
@@ -100,7 +100,22 @@ class AsrDataset(torch.utils.data.Dataset):
         }
         if self.tokenizer is not None:
             batch["tokens"] = tokens
+            if self.ctc_tokenizer is not None:
+                batch["ctc_tokens"] = ctc_tokens
         return batch
+
+
+def _known_ids(tokenizer: Tokenizer, text: str, cut_id: str, what: str) -> Optional[list]:
+    """The token ids of a transcript, or None (with a warning) when it holds text outside the tokenizer's vocabulary:
+    training on <unk> would teach the model to emit it, so the cut's label is unusable as it is."""
+    ids = tokenizer.encode(text)
+    if tokenizer.unk_id not in ids:
+        return ids
+    pieces = tokenizer.sp.encode(text, out_type=str)
+    unknown = " ".join(p for p, i in zip(pieces, ids) if i == tokenizer.unk_id)
+    logger.warning("skipping cut %s: its transcript holds text outside the %stokenizer's vocabulary (%s)",
+                   cut_id, what, unknown)
+    return None
 
 
 def read_cuts(path, lazy: bool = False) -> CutSet:

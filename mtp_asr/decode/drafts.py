@@ -27,6 +27,16 @@ def retokenize(texts: Sequence[str], tokenizer) -> list:
     return [tokenizer.encode(t) for t in texts]
 
 
+def ctc_drafts(log_probs: torch.Tensor, lens: torch.Tensor, blank: int, ctc_tokenizer=None, tokenizer=None) -> list:
+    """CTC greedy transcripts as decoder tokens: as they are when the CTC head predicts the decoder's tokens, else
+    decoded with the CTC head's own tokenizer and re-tokenised with the decoder's. Re-tokenised text may split
+    differently from what the decoder emits; the aligner absorbs that as it absorbs CTC errors."""
+    drafts = ctc_greedy(log_probs, lens, blank)
+    if ctc_tokenizer is None:
+        return drafts
+    return retokenize([ctc_tokenizer.decode(d) for d in drafts], tokenizer)
+
+
 class DraftAligner:
     """Where the emitted tokens end in a draft sequence, by end-free edit distance, kept up to date per token.
 

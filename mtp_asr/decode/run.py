@@ -197,6 +197,6 @@ def transcribe_files(checkpoint: Path, avg: int, files: Sequence[Path], settings
         samples = load_audio(f)
         feats = torch.from_numpy(extractor.extract(samples, 16000)).float()
         x, lens = pad_features([feats])
-        gen, _, _ = decode_batch(model, x, lens, [len(samples) / 16000], settings)
+        gen, _, _ = decode_batch(model, x, lens, [len(samples) / 16000], settings, tokenizer)
         out.append((str(f), tokenizer.decode(gen.hyps[0].tokens)))
     return out

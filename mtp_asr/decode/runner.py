@@ -13,7 +13,7 @@ import torch
 
 from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
-from mtp_asr.decode.drafts import ctc_greedy
+from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.generate import METHODS, generate
 from mtp_asr.decode.tree import tree_name
 from mtp_asr.model.speech_llama import SpeechLlama
@@ -136,8 +136,9 @@ def batches_by_size(cuts, batch_size: int) -> list:
 
 @torch.inference_mode()
 def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tensor, durations: Sequence[float],
-                 settings: DecodeSettings):
-    """(GenerateOutput or BeamOutput, encoder seconds, decoder seconds) for one padded batch of features."""
+                 settings: DecodeSettings, tokenizer=None):
+    """(GenerateOutput or BeamOutput, encoder seconds, decoder seconds) for one padded batch of features.
+    `tokenizer` (the decoder's) re-tokenises ctc-verify's drafts when the CTC head has a vocabulary of its own."""
     device = next(model.parameters()).device
     feats, feat_lens = feats.to(device), feat_lens.to(device)
     _sync(device)
@@ -149,7 +150,10 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
         # The CTC transcript is a by-product of the encoder pass, so it is timed with the encoder.
         if model.encoder.ctc_head is None:
             raise ValueError("ctc-verify needs a model with a CTC head (model.encoder.ctc: true)")
-        drafts = ctc_greedy(model.encoder.ctc_log_probs(enc.frames), enc.frame_lens, model.encoder.blank_id)
+        if model.ctc_tokenizer is not None and tokenizer is None:
+            raise ValueError("ctc-verify with a CTC head of its own vocabulary needs the decoder's tokenizer")
+        drafts = ctc_drafts(model.encoder.ctc_log_probs(enc.frames), enc.frame_lens, model.encoder.blank_id,
+                            model.ctc_tokenizer, tokenizer)
     _sync(device)
     t1 = time.perf_counter()
     room = [model.max_new_tokens(int(n)) for n in feat_lens.tolist()]
@@ -187,7 +191,8 @@ def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, b
         res.num_skipped += batch["num_skipped"]
         if not batch["cut_ids"]:
             continue
-        out, enc_s, dec_s = decode_batch(model, batch["feats"], batch["feat_lens"], batch["durations"], settings)
+        out, enc_s, dec_s = decode_batch(model, batch["feats"], batch["feat_lens"], batch["durations"], settings,
+                                          tokenizer)
         res.encoder_seconds += enc_s
         res.decoder_seconds += dec_s
         res.num_batch_calls += out.batch_calls

@@ -29,6 +29,25 @@ def tokenizer_from_checkpoint(ckpt: dict, path) -> Tokenizer:
     return Tokenizer.from_bytes(ckpt["tokenizer"].numpy().tobytes())
 
 
+def ctc_tokenizer_from_checkpoint(ckpt: dict, model: SpeechLlama, path) -> Optional[Tokenizer]:
+    """The CTC head's own tokenizer, when the model has one (`encoder.ctc_vocab_size` > 0)."""
+    size = model.cfg.encoder.ctc_vocab_size
+    if not size or not model.cfg.encoder.ctc:
+        return None
+    if "ctc_tokenizer" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has a CTC head of its own vocabulary ({size} pieces) but holds no "
+                              "CTC tokenizer")
+    tokenizer = Tokenizer.from_bytes(ckpt["ctc_tokenizer"].numpy().tobytes(), f"{path} (CTC tokenizer)")
+    check_ctc_tokenizer(tokenizer, size, f"checkpoint {path}")
+    return tokenizer
+
+
+def check_ctc_tokenizer(tokenizer: Tokenizer, size: int, what: str) -> None:
+    if tokenizer.vocab_size != size:
+        raise ValueError(f"CTC tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the CTC head of "
+                         f"{what} has {size} (model.encoder.ctc_vocab_size)")
+
+
 def check_tokenizer(tokenizer: Tokenizer, vocab_size: int, bos_id: int, eos_id: int, what: str) -> None:
     if (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) != (vocab_size, bos_id, eos_id):
         raise ValueError(
@@ -81,6 +100,7 @@ def load_speech_model(path, device="cpu", avg: int = 1) -> tuple[SpeechLlama, To
     check_tokenizer(tokenizer, model.cfg.decoder.vocab_size, model.cfg.bos_id, model.cfg.eos_id, f"checkpoint {path}")
     state = ckpt["model"] if avg <= 1 else average_state_dicts(averaged_paths(path, avg))
     load_weights(model, state, path)
+    model.ctc_tokenizer = ctc_tokenizer_from_checkpoint(ckpt, model, path)
     return model.to(device).eval(), tokenizer, ckpt
 
 

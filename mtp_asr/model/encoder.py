@@ -20,6 +20,9 @@ class EncoderConfig:
     subsampling: int = 4
     dropout: float = 0.1
     ctc: bool = True  # a CTC head on the encoder output (auxiliary loss; drafts for ctc-verify)
+    # 0: the CTC head predicts the decoder's tokens. N > 0: its own vocabulary of N pieces (`data.ctc_tokenizer`, e.g.
+    # characters under a pretrained LLM's 32k BPE): ctc-verify then re-tokenises the CTC text into decoder tokens.
+    ctc_vocab_size: int = 0
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -28,6 +31,8 @@ class EncoderConfig:
             raise ValueError(f"encoder.subsampling must be 2 or 4 (got {self.subsampling})")
         if self.conv_kernel % 2 == 0:
             raise ValueError(f"encoder.conv_kernel must be odd (got {self.conv_kernel})")
+        if self.ctc_vocab_size < 0:
+            raise ValueError(f"encoder.ctc_vocab_size must be >= 0 (got {self.ctc_vocab_size})")
 
 
 def subsampled_lengths(lengths, factor: int = 4):
@@ -71,9 +76,10 @@ class SpeechEncoder(nn.Module):
             input_dim=cfg.dim, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
             depthwise_conv_kernel_size=cfg.conv_kernel, dropout=cfg.dropout,
         )
-        # CTC over the decoder's vocabulary plus a blank, which takes the last index.
-        self.ctc_head = nn.Linear(cfg.dim, vocab_size + 1) if cfg.ctc else None
-        self.blank_id = vocab_size
+        # CTC over its vocabulary (the decoder's unless it has its own) plus a blank, which takes the last index.
+        ctc_vocab = cfg.ctc_vocab_size or vocab_size
+        self.ctc_head = nn.Linear(cfg.dim, ctc_vocab + 1) if cfg.ctc else None
+        self.blank_id = ctc_vocab
         # torchaudio's depthwise convolutions would mix padding frames into the last valid frames, so a batched
         # utterance would encode differently from the same utterance alone: zero the padding right before them.
         self._valid = None

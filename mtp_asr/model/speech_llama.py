@@ -75,6 +75,9 @@ class SpeechLlama(nn.Module):
         self.adapter = Adapter(cfg.adapter, cfg.encoder.dim, cfg.decoder.dim)
         self.sep = nn.Parameter(torch.randn(cfg.decoder.dim) * 0.02)
         self.lm = MTPLanguageModel(cfg.decoder, cfg.heads, cfg.bos_id, cfg.eos_id, cfg.audio_position_rate)
+        # The CTC head's own sentencepiece model when `encoder.ctc_vocab_size` > 0 (set by training and loading;
+        # checkpoints carry it beside the decoder's).
+        self.ctc_tokenizer = None
 
     @property
     def num_heads(self) -> int:
@@ -108,17 +111,22 @@ class SpeechLlama(nn.Module):
 
     def forward(self, feats: Tensor, feat_lens: Tensor, tokens: Sequence[Sequence[int]],
                 head_weights: Optional[Sequence[float]] = None, ctc_weight: float = 0.0,
-                ctc_only: bool = False, nbest: Optional[Sequence[Sequence]] = None) -> LossOutput:
+                ctc_only: bool = False, nbest: Optional[Sequence[Sequence]] = None,
+                ctc_tokens: Optional[Sequence[Sequence[int]]] = None) -> LossOutput:
         """Training loss. `ctc_only` trains the encoder alone with CTC (encoder pre-training; decoder untouched).
         `nbest` (per utterance, hypotheses with tokens/heads/positions as a beam search records them) adds their
-        log-scores, with gradient, under the factorisation the search used (MWER training)."""
+        log-scores, with gradient, under the factorisation the search used (MWER training). `ctc_tokens`: the CTC
+        targets when the CTC head has its own vocabulary (default: `tokens`)."""
+        if self.cfg.encoder.ctc_vocab_size and ctc_tokens is None and (ctc_only or ctc_weight > 0):
+            raise ValueError("this model's CTC head has its own vocabulary: the CTC loss needs ctc_tokens")
+        ctc_tokens = tokens if ctc_tokens is None else ctc_tokens
         if ctc_only:
             if self.encoder.ctc_head is None:
                 raise ValueError("CTC-only training needs a model with encoder.ctc: true")
             frames, frame_lens = self.encoder(feats, feat_lens)
-            ctc = self.ctc_loss(frames, frame_lens, tokens)
+            ctc = self.ctc_loss(frames, frame_lens, ctc_tokens)
             zeros = torch.zeros(self.num_heads, device=feats.device)
-            return LossOutput(ctc / _num_tokens(tokens), zeros, zeros, zeros, len(tokens), ctc.detach())
+            return LossOutput(ctc / _num_tokens(ctc_tokens), zeros, zeros, zeros, len(tokens), ctc.detach())
         enc = self.encode(feats, feat_lens)
         prefix, prefix_lens = self.prompt(enc.audio, enc.audio_lens)
         x, labels = self.lm.append_tokens(prefix, prefix_lens, tokens)
@@ -126,8 +134,8 @@ class SpeechLlama(nn.Module):
         if ctc_weight > 0:
             if self.encoder.ctc_head is None:
                 raise ValueError("a CTC weight > 0 needs a model with encoder.ctc: true")
-            ctc = self.ctc_loss(enc.frames, enc.frame_lens, tokens)
-            out.loss = out.loss + ctc_weight * ctc / _num_tokens(tokens)  # per token, like the CE
+            ctc = self.ctc_loss(enc.frames, enc.frame_lens, ctc_tokens)
+            out.loss = out.loss + ctc_weight * ctc / _num_tokens(ctc_tokens)  # per CTC target, like the CE per token
             out.ctc_loss_sum = ctc.detach()
         if nbest is not None:
             owner = [b for b, hyps in enumerate(nbest) for _ in hyps]

@@ -9,7 +9,7 @@ from mtp_asr.train.checkpoint import average_state_dicts, load_checkpoint, save_
 logger = logging.getLogger("mtp_asr")
 
 # What a model-only checkpoint keeps from a training checkpoint.
-MODEL_KEYS = ("kind", "model_config", "lm_config", "tokenizer")
+MODEL_KEYS = ("kind", "model_config", "lm_config", "tokenizer", "ctc_tokenizer")
 
 
 def average_epochs(exp_dir, epoch: int, avg: int, out: Optional[Path] = None) -> Path:

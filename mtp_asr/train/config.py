@@ -64,6 +64,8 @@ class SpeechDataConfig:
     train_cuts: list = field(default_factory=list)  # Lhotse manifests with features
     valid_cuts: list = field(default_factory=list)
     tokenizer: str = ""  # sentencepiece model; ignored when the decoder comes from a Hugging Face directory
+    # The CTC head's own sentencepiece model (e.g. characters under an LLM's 32k BPE); "": the decoder's tokenizer.
+    ctc_tokenizer: str = ""
     max_duration: float = 200.0  # seconds of audio per batch
     max_utt_duration: float = 30.0  # longer training cuts are left out
     num_buckets: int = 10

@@ -15,6 +15,7 @@ logger = logging.getLogger("mtp_asr")
 SAFETENSORS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
+CTC_TOKENIZER = "ctc_tokenizer.model"  # the CTC head's own vocabulary, when it has one
 
 
 def export_checkpoint(checkpoint, out_dir, fmt: str = "safetensors") -> Path:
@@ -34,6 +35,9 @@ def export_checkpoint(checkpoint, out_dir, fmt: str = "safetensors") -> Path:
             save_file(tensors, str(tmp))
         with atomic_path(out_dir / TOKENIZER) as tmp:
             tmp.write_bytes(tokenizer.to_bytes())
+        if model.ctc_tokenizer is not None:
+            with atomic_path(out_dir / CTC_TOKENIZER) as tmp:
+                tmp.write_bytes(model.ctc_tokenizer.to_bytes())
         atomic_write_text(out_dir / CONFIG, json.dumps({"kind": "speech_llama", "model_config": ckpt["model_config"]},
                                                       indent=2))
     else:

@@ -113,7 +113,7 @@ class MWERTask(SpeechTask):
             feats = self.augment(feats, lens)
         nbest, calls, best = self.search(feats, lens)
         out = model(feats, lens, batch["tokens"], head_weights=self.cfg.ce_head_weights, ctc_weight=self.cfg.ctc_weight,
-                    nbest=nbest)
+                    nbest=nbest, ctc_tokens=batch.get("ctc_tokens"))
         texts = [[self.tokenizer.decode(h.tokens) for h in hyps] for hyps in nbest]
         mwer_total = out.loss.new_zeros(())
         expected = mean_errs = oracle = ref_words = tokens = 0.0

@@ -62,9 +62,28 @@ def resolve_speech_config(data: dict) -> tuple[SpeechTrainConfig, Tokenizer]:
     if auto_rate:
         model["audio_position_rate"] = 0.0
     cfg = from_dict(SpeechTrainConfig, data, "train config")
+    _fill_ctc_vocab(cfg)
     if auto_rate:
         cfg.model.audio_position_rate = measure_audio_position_rate(cfg.data.train_cuts, tokenizer, cfg.model)
     return cfg, tokenizer
+
+
+def _fill_ctc_vocab(cfg: SpeechTrainConfig) -> None:
+    """model.encoder.ctc_vocab_size from data.ctc_tokenizer (the CTC head's own vocabulary); a stated one must agree."""
+    stated = cfg.model.encoder.ctc_vocab_size
+    if not cfg.data.ctc_tokenizer:
+        if stated:
+            raise ConfigError(f"model.encoder.ctc_vocab_size is {stated} but no data.ctc_tokenizer is given: the CTC "
+                              "head's own vocabulary needs its sentencepiece model")
+        return
+    if not cfg.model.encoder.ctc:
+        raise ConfigError(f"data.ctc_tokenizer {cfg.data.ctc_tokenizer} is given but the model has no CTC head "
+                          "(model.encoder.ctc: false)")
+    size = Tokenizer(cfg.data.ctc_tokenizer).vocab_size
+    if stated and stated != size:
+        raise ConfigError(f"model.encoder.ctc_vocab_size is {stated} but the CTC tokenizer {cfg.data.ctc_tokenizer} "
+                          f"has {size} pieces")
+    cfg.model.encoder.ctc_vocab_size = size
 
 
 def measure_audio_position_rate(cut_paths, tokenizer: Tokenizer, model: ModelConfig, max_cuts: int = 5000) -> float:
@@ -89,18 +108,32 @@ def train_speech(config: dict, exp_dir, resume: bool = True, ctc_only: bool = Fa
     cfg, tokenizer = resolve_speech_config(config)
     torch.manual_seed(cfg.seed)
     model = SpeechLlama(cfg.model)
+    if cfg.data.ctc_tokenizer:
+        model.ctc_tokenizer = Tokenizer(cfg.data.ctc_tokenizer)
     if cfg.init_lm:
         what = init_lm_weights(model.lm, cfg.init_lm)
         logger.info("initialised the %s from %s", what, cfg.init_lm)
     if cfg.init_encoder:
-        src = load_checkpoint(cfg.init_encoder)["model"]
-        enc = {k[len("encoder."):]: v for k, v in src.items() if k.startswith("encoder.")}
+        src = load_checkpoint(cfg.init_encoder)
+        enc = {k[len("encoder."):]: v for k, v in src["model"].items() if k.startswith("encoder.")}
         load_weights(model.encoder, enc, cfg.init_encoder)
+        _check_ctc_labels(src, model.ctc_tokenizer or tokenizer, cfg.init_encoder)
         logger.info("initialised the encoder from %s", cfg.init_encoder)
     check_tokenizer(tokenizer, cfg.model.decoder.vocab_size, cfg.model.bos_id, cfg.model.eos_id, "the model config")
     _save_config(exp_dir, to_dict(cfg))
     task = SpeechTask(model, cfg, tokenizer, ctc_only=ctc_only)
     return Trainer(task, cfg, exp_dir, to_dict(cfg), resume=resume).run()
+
+
+def _check_ctc_labels(src: dict, tokenizer: Tokenizer, path) -> None:
+    """An init_encoder's CTC head must have been trained on the pieces this model's CTC head predicts: two
+    tokenizers of the same size would load without complaint and train on shuffled labels."""
+    src_tok = src.get("ctc_tokenizer", src.get("tokenizer"))
+    if "encoder.ctc_head.weight" in src["model"] and src_tok is not None:
+        if bytes(src_tok.numpy().tobytes()) != tokenizer.to_bytes():
+            raise ConfigError(f"init_encoder {path}: its CTC head was trained with another tokenizer than this "
+                              f"model's CTC head uses ({tokenizer.path}); give the same data.ctc_tokenizer (or "
+                              "data.tokenizer) as the run that made it")
 
 
 def train_lm(config: dict, exp_dir, resume: bool = True) -> int:

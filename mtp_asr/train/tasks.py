@@ -51,7 +51,8 @@ class SpeechTask(Task):
         # Lhotse wants at least one cut per bucket.
         self.num_buckets = min(cfg.data.num_buckets, kept)
         self.valid_cuts = load_cuts(cfg.data.valid_cuts, "validation") if cfg.data.valid_cuts else None
-        self.dataset = AsrDataset(tokenizer, fits=functools.partial(fits_decoder, cfg=model.cfg))
+        self.dataset = AsrDataset(tokenizer, fits=functools.partial(fits_decoder, cfg=model.cfg),
+                                  ctc_tokenizer=model.ctc_tokenizer)
 
     def _sampler_args(self, rank, world_size) -> dict:
         return dict(max_duration=self.cfg.data.max_duration, shuffle=True, seed=self.cfg.seed, rank=rank,
@@ -81,14 +82,18 @@ class SpeechTask(Task):
         feats, lens = batch["feats"].to(device), batch["feat_lens"].to(device)
         if model.training:
             feats = self.augment(feats, lens)
-        return model(feats, lens, batch["tokens"], ctc_weight=self.cfg.ctc_weight, ctc_only=self.ctc_only)
+        return model(feats, lens, batch["tokens"], ctc_weight=self.cfg.ctc_weight, ctc_only=self.ctc_only,
+                     ctc_tokens=batch.get("ctc_tokens"))
 
     def batch_weight(self, batch) -> float:
         return float(sum(batch["durations"]))
 
     def checkpoint_info(self) -> dict:
-        return {"kind": "speech_llama", "model_config": to_dict(self.model.cfg),
+        info = {"kind": "speech_llama", "model_config": to_dict(self.model.cfg),
                 "tokenizer": tokenizer_tensor(self.tokenizer)}
+        if self.model.ctc_tokenizer is not None:
+            info["ctc_tokenizer"] = tokenizer_tensor(self.model.ctc_tokenizer)
+        return info
 
 
 def read_sentences(paths: Sequence[str], tokenizer: Tokenizer, what: str) -> list:

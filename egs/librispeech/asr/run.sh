@@ -14,6 +14,8 @@ test_parts="test-clean test-other"
 nj=8
 vocab_size=5000
 hf_llm=""          # a Hugging Face LLaMA directory: its weights start the decoder, its tokenizer replaces the BPE
+ctc_vocab_size=0   # N > 0: the CTC head gets its own N-piece unigram model (data/lang_ctc_unigram_N), e.g. 500
+                   # under an LLM's 32k pieces; ctc-verify re-tokenises its drafts. 0: the decoder's tokens
 lm_conf=conf/lm_125m.yaml
 train_conf=conf/train_125m.yaml
 lm_epochs=10
@@ -38,7 +40,8 @@ Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done 
   0  install the environment (tools/install.sh)
   1  Lhotse manifests for every LibriSpeech part found (data/manifests)
   2  80-dim fbank (data/fbank)
-  3  tokenizer: a BPE model (data/lang_bpe_<vocab_size>), or the --hf-llm directory's tokenizer
+  3  tokenizer: a BPE model (data/lang_bpe_<vocab_size>), or the --hf-llm directory's tokenizer; with
+     --ctc-vocab-size N also the CTC head's own (data/lang_ctc_unigram_N)
   4  pre-train the decoder LM on the training transcripts (exp/lm; skipped with --hf-llm; add LibriSpeech's
      LM corpus with --train-args '--set data.train_text=[...,librispeech-lm-norm.txt]')
   5  train Speech-LLaMA (exp/asr; torchrun over --ngpu processes)
@@ -54,7 +57,8 @@ Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done 
 Options (default):
   --corpus-dir ($corpus_dir)  --train-parts ($train_parts)
   --dev-parts ($dev_parts)  --test-parts ($test_parts)  --nj ($nj)
-  --vocab-size ($vocab_size)  --hf-llm (none)  --lm-conf ($lm_conf)  --train-conf ($train_conf)
+  --vocab-size ($vocab_size)  --hf-llm (none)  --ctc-vocab-size ($ctc_vocab_size: the decoder's tokens)
+  --lm-conf ($lm_conf)  --train-conf ($train_conf)
   --lm-epochs ($lm_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)  --ngpu ($ngpu)
   --distill-steps ($distill_steps)  --distill-cuts ($distill_cuts)
   --thresholds (\"$thresholds\")  --draft-tree ($draft_tree)  --decode-batch-size ($decode_batch_size)  --device ($device)
@@ -123,7 +127,17 @@ else
   tokenizer=data/lang_bpe_$vocab_size/tokenizer.model
 fi
 
+ctc_args=()
+if [ "$ctc_vocab_size" -gt 0 ]; then
+  ctc_lang=data/lang_ctc_unigram_$ctc_vocab_size
+  ctc_args=(--set "data.ctc_tokenizer=$ctc_lang/tokenizer.model")
+fi
+
 if should_run 3 tokenizer; then
+  if [ "$ctc_vocab_size" -gt 0 ]; then
+    mtp-asr train-bpe $(for p in $train_cuts; do echo "data/fbank/cuts_$p.jsonl.gz"; done) \
+      "$ctc_lang" --vocab-size "$ctc_vocab_size" --model-type unigram
+  fi
   if [ -z "$hf_llm" ]; then
     mtp-asr train-bpe $(for p in $train_cuts; do echo "data/fbank/cuts_$p.jsonl.gz"; done) \
       "data/lang_bpe_$vocab_size" --vocab-size "$vocab_size" --model-type unigram
@@ -150,7 +164,7 @@ if should_run 5 asr; then
   # shellcheck disable=SC2086
   train train -c "$train_conf" --exp-dir exp/asr --set "data.tokenizer=$tokenizer" --set "num_epochs=$asr_epochs" \
     --set "init_lm=$init_lm" --set "data.train_cuts=$(list_arg $train_cuts)" \
-    --set "data.valid_cuts=$(list_arg $dev_cuts)" $train_args
+    --set "data.valid_cuts=$(list_arg $dev_cuts)" ${ctc_args[@]+"${ctc_args[@]}"} $train_args
   mark_done asr
 fi
 

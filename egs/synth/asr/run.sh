@@ -13,6 +13,8 @@ nj=2               # parallel jobs for corpus generation and features
 engines=espeak,flite,festival,hibari
 token_type=char    # sentencepiece model type: char (learns fastest from little audio), bpe or unigram
 vocab_size=40      # an upper bound for char (the corpus has 30 symbols)
+ctc_token_type=""  # the CTC head's own tokens (char, bpe, unigram; data/lang_ctc_<type>); "": the decoder's
+ctc_vocab_size=40
 lm_epochs=3
 ctc_epochs=4       # encoder CTC pre-training; 0 skips it
 asr_epochs=5
@@ -53,6 +55,7 @@ Options (default):
   --hours ($hours)            hours of synthetic audio
   --seed ($seed)  --nj ($nj)  --engines ($engines)
   --token-type ($token_type)  --vocab-size ($vocab_size)
+  --ctc-token-type (\"$ctc_token_type\": the decoder's tokens)  --ctc-vocab-size ($ctc_vocab_size)
   --lm-epochs ($lm_epochs)  --ctc-epochs ($ctc_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)
   --distill-steps ($distill_steps)  --distill-cuts ($distill_cuts)
   --thresholds (\"$thresholds\")  --draft-tree ($draft_tree)  --decode-batch-size ($decode_batch_size)  --device ($device)
@@ -79,6 +82,11 @@ if [ -x "$venv/bin/mtp-asr" ]; then
   export PATH="$PWD/$venv/bin:$PATH"
 fi
 lang=data/lang_$token_type
+ctc_args=()
+if [ -n "$ctc_token_type" ]; then
+  ctc_lang=data/lang_ctc_$ctc_token_type
+  ctc_args=(--set "data.ctc_tokenizer=$ctc_lang/tokenizer.model")
+fi
 
 
 if should_run 0 install; then
@@ -105,6 +113,10 @@ if should_run 3 tokenizer; then
   cut -d' ' -f2- data/manifests/corpus/dev/text > data/lm/valid.txt
   mtp-asr train-bpe data/fbank/cuts_train.jsonl.gz "$lang" --vocab-size "$vocab_size" --model-type "$token_type" \
     --extra-text data/lm/train.txt
+  if [ -n "$ctc_token_type" ]; then
+    mtp-asr train-bpe data/fbank/cuts_train.jsonl.gz "$ctc_lang" --vocab-size "$ctc_vocab_size" \
+      --model-type "$ctc_token_type"
+  fi
   mark_done tokenizer
 fi
 
@@ -126,7 +138,8 @@ if [ "$ctc_epochs" -gt 0 ]; then
   if should_run 5 ctc; then
     (
       OMP_NUM_THREADS=$threads mtp-asr train -c "$conf/train.yaml" --ctc-only --exp-dir exp/ctc \
-        --set "data.tokenizer=$lang/tokenizer.model" --set "num_epochs=$ctc_epochs" --set optim.lr=3e-3
+        --set "data.tokenizer=$lang/tokenizer.model" --set "num_epochs=$ctc_epochs" --set optim.lr=3e-3 \
+        ${ctc_args[@]+"${ctc_args[@]}"}
       mark_done ctc
     ) &
     pids+=($!)
@@ -138,7 +151,8 @@ done
 
 if should_run 6 asr; then
   mtp-asr train -c "$conf/train.yaml" --exp-dir exp/asr --set "data.tokenizer=$lang/tokenizer.model" \
-    --set "num_epochs=$asr_epochs" --set "init_lm=exp/lm/epoch-$lm_epochs.pt" --set "init_encoder=$init_encoder"
+    --set "num_epochs=$asr_epochs" --set "init_lm=exp/lm/epoch-$lm_epochs.pt" --set "init_encoder=$init_encoder" \
+    ${ctc_args[@]+"${ctc_args[@]}"}
   mark_done asr
 fi
 
