@@ -130,7 +130,7 @@ def _check_ctc_labels(src: dict, tokenizer: Tokenizer, path) -> None:
     tokenizers of the same size would load without complaint and train on shuffled labels."""
     src_tok = src.get("ctc_tokenizer", src.get("tokenizer"))
     if "encoder.ctc_head.weight" in src["model"] and src_tok is not None:
-        if bytes(src_tok.numpy().tobytes()) != tokenizer.to_bytes():
+        if src_tok.numpy().tobytes() != tokenizer.to_bytes():
             raise ConfigError(f"init_encoder {path}: its CTC head was trained with another tokenizer than this "
                               f"model's CTC head uses ({tokenizer.path}); give the same data.ctc_tokenizer (or "
                               "data.tokenizer) as the run that made it")
