@@ -14,10 +14,11 @@ from mtp_asr.data.dataset import AsrDataset, read_cuts
 from mtp_asr.data.tokenizer import Tokenizer, train_bpe
 from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.generate import generate
+from mtp_asr.decode.run import transcribe_files
 from mtp_asr.decode.runner import DecodeSettings, decode_cuts
 from mtp_asr.model.build import load_speech_model
 from mtp_asr.train.average import average_epochs
-from mtp_asr.train.checkpoint import load_checkpoint
+from mtp_asr.train.checkpoint import CheckpointError, load_checkpoint
 from mtp_asr.train.export import export_checkpoint
 from mtp_asr.train.run import resolve_speech_config, train_speech
 
@@ -182,3 +183,21 @@ def test_init_encoder_trained_on_other_labels_is_refused(corpus, trained, tmp_pa
 def test_export_writes_the_ctc_tokenizer(corpus, trained, tmp_path):
     out = export_checkpoint(trained / "asr" / "epoch-20.pt", tmp_path / "export")
     assert (out / "ctc_tokenizer.model").read_bytes() == Tokenizer(corpus["chars"]).to_bytes()
+
+
+def test_checkpoint_without_its_ctc_tokenizer_is_refused(trained, tmp_path):
+    ckpt = load_checkpoint(trained / "asr" / "epoch-20.pt")
+    del ckpt["ctc_tokenizer"]
+    torch.save(ckpt, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"broken.pt has a CTC head of its own vocabulary .* no CTC tokenizer"):
+        load_speech_model(tmp_path / "broken.pt")
+
+
+def test_transcribe_with_ctc_verify_equals_greedy(trained, audio_writer, tmp_path):
+    files = [tmp_path / f"a{i}.wav" for i in range(3)]
+    for i, f in enumerate(files):
+        audio_writer(f, 0.6 + 0.3 * i, seed=i)
+    ckpt = trained / "asr" / "epoch-20.pt"
+    greedy = transcribe_files(ckpt, 1, files, DecodeSettings("greedy"), device="cpu")
+    verify = transcribe_files(ckpt, 1, files, DecodeSettings("ctc-verify"), device="cpu")
+    assert verify == greedy and len(verify) == 3
