@@ -14,8 +14,9 @@ test_parts="test-clean test-other"
 nj=8
 vocab_size=5000
 hf_llm=""          # a Hugging Face LLaMA directory: its weights start the decoder, its tokenizer replaces the BPE
-ctc_vocab_size=0   # N > 0: the CTC head gets its own N-piece unigram model (data/lang_ctc_unigram_N), e.g. 500
-                   # under an LLM's 32k pieces; ctc-verify re-tokenises its drafts. 0: the decoder's tokens
+ctc_vocab_size=500 # the CTC head's own N-piece unigram model (data/lang_ctc_unigram_N): a small CTC head that
+                   # learns fast (icefall's LibriSpeech CTC models use 500), whatever the decoder's vocabulary
+                   # (5000 pieces, or an LLM's 32k); ctc-verify re-tokenises its drafts. 0: the decoder's tokens
 lm_conf=conf/lm_125m.yaml
 train_conf=conf/train_125m.yaml
 lm_epochs=10
@@ -40,8 +41,8 @@ Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done 
   0  install the environment (tools/install.sh)
   1  Lhotse manifests for every LibriSpeech part found (data/manifests)
   2  80-dim fbank (data/fbank)
-  3  tokenizer: a BPE model (data/lang_bpe_<vocab_size>), or the --hf-llm directory's tokenizer; with
-     --ctc-vocab-size N also the CTC head's own (data/lang_ctc_unigram_N)
+  3  tokenizer: a BPE model (data/lang_bpe_<vocab_size>), or the --hf-llm directory's tokenizer; and the CTC
+     head's own (data/lang_ctc_unigram_<ctc_vocab_size>; --ctc-vocab-size 0: the CTC head uses the decoder's)
   4  pre-train the decoder LM on the training transcripts (exp/lm; skipped with --hf-llm; add LibriSpeech's
      LM corpus with --train-args '--set data.train_text=[...,librispeech-lm-norm.txt]')
   5  train Speech-LLaMA (exp/asr; torchrun over --ngpu processes)
@@ -57,7 +58,7 @@ Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done 
 Options (default):
   --corpus-dir ($corpus_dir)  --train-parts ($train_parts)
   --dev-parts ($dev_parts)  --test-parts ($test_parts)  --nj ($nj)
-  --vocab-size ($vocab_size)  --hf-llm (none)  --ctc-vocab-size ($ctc_vocab_size: the decoder's tokens)
+  --vocab-size ($vocab_size)  --hf-llm (none)  --ctc-vocab-size ($ctc_vocab_size; 0: the decoder's tokens)
   --lm-conf ($lm_conf)  --train-conf ($train_conf)
   --lm-epochs ($lm_epochs)  --asr-epochs ($asr_epochs)  --avg ($avg)  --ngpu ($ngpu)
   --distill-steps ($distill_steps)  --distill-cuts ($distill_cuts)
