@@ -185,12 +185,16 @@ def test_export_writes_the_ctc_tokenizer(corpus, trained, tmp_path):
     assert (out / "ctc_tokenizer.model").read_bytes() == Tokenizer(corpus["chars"]).to_bytes()
 
 
-def test_checkpoint_without_its_ctc_tokenizer_is_refused(trained, tmp_path):
+def test_checkpoint_without_its_ctc_tokenizer_or_with_another_is_refused(trained, tmp_path):
     ckpt = load_checkpoint(trained / "asr" / "epoch-20.pt")
     del ckpt["ctc_tokenizer"]
     torch.save(ckpt, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match=r"broken.pt has a CTC head of its own vocabulary .* no CTC tokenizer"):
         load_speech_model(tmp_path / "broken.pt")
+    ckpt["ctc_tokenizer"] = ckpt["tokenizer"]  # the decoder's word pieces: another size
+    torch.save(ckpt, tmp_path / "swapped.pt")
+    with pytest.raises(CheckpointError, match=r"the CTC tokenizer in .*swapped.pt has \d+ pieces but its CTC head has"):
+        load_speech_model(tmp_path / "swapped.pt")
 
 
 def test_transcribe_with_ctc_verify_equals_greedy(trained, audio_writer, tmp_path):

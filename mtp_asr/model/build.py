@@ -38,14 +38,10 @@ def ctc_tokenizer_from_checkpoint(ckpt: dict, model: SpeechLlama, path) -> Optio
         raise CheckpointError(f"checkpoint {path} has a CTC head of its own vocabulary ({size} pieces) but holds no "
                               "CTC tokenizer")
     tokenizer = Tokenizer.from_bytes(ckpt["ctc_tokenizer"].numpy().tobytes(), f"{path} (CTC tokenizer)")
-    check_ctc_tokenizer(tokenizer, size, f"checkpoint {path}")
-    return tokenizer
-
-
-def check_ctc_tokenizer(tokenizer: Tokenizer, size: int, what: str) -> None:
     if tokenizer.vocab_size != size:
-        raise ValueError(f"CTC tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the CTC head of "
-                         f"{what} has {size} (model.encoder.ctc_vocab_size)")
+        raise CheckpointError(f"the CTC tokenizer in {path} has {tokenizer.vocab_size} pieces but its CTC head has "
+                              f"{size} (model.encoder.ctc_vocab_size)")
+    return tokenizer
 
 
 def check_tokenizer(tokenizer: Tokenizer, vocab_size: int, bos_id: int, eos_id: int, what: str) -> None:
