@@ -57,8 +57,9 @@ def train_cmd(config_path, exp_dir, overrides, no_resume, ctc_only):
 
     The config has sections `model` (encoder, adapter, decoder, heads), `data` (train_cuts, valid_cuts, tokenizer,
     ctc_tokenizer: the CTC head's own vocabulary if it has one, max_duration), `optim`, `spec_augment` and the loop
-    settings (num_epochs, ctc_weight, freeze, init_lm, init_encoder, ...). Progress lines and TensorBoard scalars (EXP_DIR/tensorboard) on rank 0; checkpoints
-    EXP_DIR/epoch-N.pt and checkpoint-STEP.pt, written atomically; a rerun resumes exactly. For several processes:
+    settings (num_epochs, ctc_weight, freeze, init_lm, init_encoder, ...). Progress lines and TensorBoard scalars
+    (EXP_DIR/tensorboard) on rank 0; checkpoints EXP_DIR/epoch-N.pt and checkpoint-STEP.pt, written atomically; a
+    rerun resumes exactly. For several processes:
     torchrun --nproc_per_node N $(which mtp-asr) train ...
     """
     from mtp_asr.train.run import train_speech

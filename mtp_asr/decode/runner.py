@@ -15,7 +15,7 @@ from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
 from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.generate import METHODS, generate
-from mtp_asr.decode.tree import tree_name
+from mtp_asr.decode.summary import tree_name
 from mtp_asr.model.speech_llama import SpeechLlama
 from mtp_asr.utils import Progress
 
@@ -136,7 +136,7 @@ def batches_by_size(cuts, batch_size: int) -> list:
 
 @torch.inference_mode()
 def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tensor, durations: Sequence[float],
-                 settings: DecodeSettings, tokenizer=None):
+                 settings: DecodeSettings, tokenizer):
     """(GenerateOutput or BeamOutput, encoder seconds, decoder seconds) for one padded batch of features.
     `tokenizer` (the decoder's) re-tokenises ctc-verify's drafts when the CTC head has a vocabulary of its own."""
     device = next(model.parameters()).device
@@ -150,8 +150,6 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
         # The CTC transcript is a by-product of the encoder pass, so it is timed with the encoder.
         if model.encoder.ctc_head is None:
             raise ValueError("ctc-verify needs a model with a CTC head (model.encoder.ctc: true)")
-        if model.ctc_tokenizer is not None and tokenizer is None:
-            raise ValueError("ctc-verify with a CTC head of its own vocabulary needs the decoder's tokenizer")
         drafts = ctc_drafts(model.encoder.ctc_log_probs(enc.frames), enc.frame_lens, model.encoder.blank_id,
                             model.ctc_tokenizer, tokenizer)
     _sync(device)

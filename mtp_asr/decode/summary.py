@@ -35,11 +35,15 @@ def add_speedups(rows: list) -> list:
     return rows
 
 
+def tree_name(widths: Sequence[int]) -> str:
+    """'3x2x1' for a draft tree, '' for a chain (no widths, or all 1) — in result-file names and tables."""
+    return "x".join(map(str, widths)) if widths and max(widths) > 1 else ""
+
+
 def method_name(s: dict) -> str:
-    """The method, with its draft tree when it verifies one (e.g. `mtp-verify tree 4x4x4`; as
-    `mtp_asr.decode.tree.tree_name`, which is not imported so that summarising needs no torch)."""
-    tree = s.get("draft_tree")
-    return s["method"] + (" tree " + "x".join(map(str, tree)) if tree and max(tree) > 1 else "")
+    """The method, with its draft tree when it verifies one (e.g. `mtp-verify tree 4x4x4`)."""
+    tree = tree_name(s.get("draft_tree") or ())
+    return s["method"] + (f" tree {tree}" if tree else "")
 
 
 def markdown(rows: list) -> str:

@@ -74,11 +74,6 @@ def head_paths(candidates: Sequence[Sequence[int]], widths: Sequence[int]) -> li
     return [([candidates[j][r] for j, r in enumerate(rank)], list(range(2, 2 + len(rank)))) for rank in ranks]
 
 
-def tree_name(widths: Sequence[int]) -> str:
-    """'3x2x1' for a tree, '' for a chain (no widths, or all 1) — in result-file names and tables."""
-    return "x".join(map(str, widths)) if widths and max(widths) > 1 else ""
-
-
 def parse_widths(text: str) -> tuple:
     """'3,2,1' -> (3, 2, 1): candidates verified per head 2..K."""
     try:

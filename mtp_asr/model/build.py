@@ -23,10 +23,11 @@ def tokenizer_tensor(tokenizer: Tokenizer) -> torch.Tensor:
     return torch.frombuffer(bytearray(tokenizer.to_bytes()), dtype=torch.uint8)
 
 
-def tokenizer_from_checkpoint(ckpt: dict, path) -> Tokenizer:
-    if "tokenizer" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} holds no tokenizer")
-    return Tokenizer.from_bytes(ckpt["tokenizer"].numpy().tobytes())
+def tokenizer_from_checkpoint(ckpt: dict, path, key: str = "tokenizer") -> Tokenizer:
+    """The sentencepiece model stored under `key` (the decoder's "tokenizer", or the CTC head's "ctc_tokenizer")."""
+    if key not in ckpt:
+        raise CheckpointError(f"checkpoint {path} holds no {key}")
+    return Tokenizer.from_bytes(ckpt[key].numpy().tobytes(), f"{path} ({key})")
 
 
 def ctc_tokenizer_from_checkpoint(ckpt: dict, model: SpeechLlama, path) -> Optional[Tokenizer]:
@@ -37,7 +38,7 @@ def ctc_tokenizer_from_checkpoint(ckpt: dict, model: SpeechLlama, path) -> Optio
     if "ctc_tokenizer" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has a CTC head of its own vocabulary ({size} pieces) but holds no "
                               "CTC tokenizer")
-    tokenizer = Tokenizer.from_bytes(ckpt["ctc_tokenizer"].numpy().tobytes(), f"{path} (CTC tokenizer)")
+    tokenizer = tokenizer_from_checkpoint(ckpt, path, "ctc_tokenizer")
     if tokenizer.vocab_size != size:
         raise CheckpointError(f"the CTC tokenizer in {path} has {tokenizer.vocab_size} pieces but its CTC head has "
                               f"{size} (model.encoder.ctc_vocab_size)")
