@@ -1,5 +1,4 @@
 """Tiny models and a cache-free reference decoder shared by tests/test_model.py and tests/test_generate.py."""
-import itertools
 import math
 from typing import Optional
 
@@ -7,6 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from mtp_asr.decode.generate import tree_paths
 from mtp_asr.model.adapter import AdapterConfig
 from mtp_asr.model.encoder import EncoderConfig
 from mtp_asr.model.heads import HeadsConfig
@@ -90,10 +90,10 @@ def random_prompts(lm: MTPLanguageModel, batch: int, max_len: int, gen: torch.Ge
 
 @torch.no_grad()
 def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_heads: int, threshold: float,
-                     limit: int, widths: tuple = ()) -> tuple[list, int, bool]:
+                     limit: int, tree=()) -> tuple[list, int, bool]:
     """One utterance, decoded by the definitions in DESIGN.md with a full causal forward (no KV cache) per decoder
-    call: tokens (without EOS), decoder calls, and whether EOS ended it. mtp-verify with `widths` (a draft tree)
-    checks every combination of the heads' top-w_k tokens as a separate chain and keeps the longest accepted one."""
+    call: tokens (without EOS), decoder calls, and whether EOS ended it. mtp-verify with `tree` (a draft tree: widths
+    or rank paths) checks the path to every node as a separate chain and keeps the longest accepted one."""
     K = 1 if method == "greedy" else num_heads
     out, paths, calls = [], [[]], 0
     while True:
@@ -114,9 +114,10 @@ def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_head
         last = first + accepted
         extra = [lm.heads.logits(lm.decoder, k, states[k][0, last]) for k in range(1, K)]
         paths = [[]]
-        if method == "mtp-verify" and widths and max(widths) > 1:
-            top = [e.topk(max(widths)).indices.tolist() for e in extra]
-            paths = [[top[j][r] for j, r in enumerate(rank)] for rank in itertools.product(*map(range, widths))]
+        if method == "mtp-verify" and tree:
+            nodes = tree_paths(tree, K)
+            top = [e.topk(1 + max(max(p) for p in nodes)).indices.tolist() for e in extra]
+            paths = [[top[j][r] for j, r in enumerate(node)] for node in nodes]
         elif method == "mtp-verify":
             paths = [[int(e.argmax()) for e in extra]]
         elif method == "mtp-threshold":

@@ -325,9 +325,9 @@ def test_decode_and_benchmark_commands(tmp_path):
             "--draft-tree", "2,2", "--batch-size", "2", "--device", "cpu", "--out-dir", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
     summary = json.loads((out / "summary-valid-epoch-1-mtp-verify-tree2x2-bs2.json").read_text())
-    assert summary["draft_tree"] == [2, 2]
+    assert summary["draft_tree"] == "2,2"
     wrong = CliRunner().invoke(main, args[:8] + ["2,2,2"] + args[9:])
-    assert wrong.exit_code != 0 and "--draft-tree) needs 2 widths" in wrong.output
+    assert wrong.exit_code != 0 and "--draft-tree) reaches depth 3" in wrong.output
 
     bench = tmp_path / "bench"
     result = CliRunner().invoke(main, ["benchmark", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]),

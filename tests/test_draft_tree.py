@@ -1,11 +1,14 @@
 """Tree verification: several draft continuations per call (Medusa-style tree attention) keep mtp-verify and
 ctc-verify identical to greedy decoding, score each path exactly as if it were fed alone, and save calls."""
+from collections import Counter
+
 import pytest
 import torch
 
 from model_fixtures import random_batch, reference_decode, single_thread, tiny_lm  # noqa: F401
 from mtp_asr.decode.generate import generate
-from mtp_asr.decode.tree import DraftTree, TreeBatch, head_paths, parse_widths
+from mtp_asr.decode.tree import DraftTree, TreeBatch, head_paths
+from mtp_asr.decode.tree_spec import best_tree, parse_tree, product_paths, tree_name
 from mtp_asr.model.heads import HEAD_KINDS
 
 
@@ -17,14 +20,35 @@ def test_trie_of_paths():
     assert tree.depths() == [1, 2, 3, 2, 1]
     assert tree.path(3) == [0, 3] and tree.path(-1) == []
     assert not tree.is_chain and DraftTree.from_paths([([1, 2], [2, 3])]).is_chain
-    paths = head_paths([[10, 11, 12], [20, 21]], (3, 2))
-    assert len(paths) == 6 and paths[0] == ([10, 20], [2, 3]) and paths[-1] == ([12, 21], [2, 3])
+    paths = head_paths([[10, 11, 12], [20, 21]], product_paths((3, 2)))
+    assert len(paths) == 3 + 6 and paths[0] == ([10], [2]) and paths[-1] == ([12, 21], [2, 3])
     assert len(DraftTree.from_paths(paths)) == 3 + 6
-    assert parse_widths("3,2,1") == (3, 2, 1)
-    with pytest.raises(ValueError, match="draft-tree"):
-        parse_widths("3,x")
-    with pytest.raises(ValueError, match=">= 1"):
-        parse_widths("2,0")
+    sparse = head_paths([[10, 11, 12], [20, 21]], parse_tree("0;2;0.1"))
+    assert sparse == [([10], [2]), ([12], [2]), ([10, 21], [2, 3])]
+
+
+def test_tree_shapes_and_names():
+    assert product_paths((3, 2)) == ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1))
+    assert parse_tree("3,2") == product_paths((3, 2)) and parse_tree("") == ()
+    assert parse_tree("0;1;0.0;0.0.3") == ((0,), (1,), (0, 0), (0, 0, 3))
+    assert [tree_name(t) for t in ("4,4,4", "1,1,1", "", "0;1;0.0", "0;0.0")] == ["4x4x4", "", "", "3nodes", "2nodes"]
+    for bad, message in [("3,x", "widths per head"), ("2,0", ">= 1"), ("0;1.x", "rank paths"),
+                         ("0;0.1.0", "lacks its parent 0.1"), ("0;0", "distinct"), ("0;-1", ">= 0")]:
+        with pytest.raises(ValueError, match=message):
+            parse_tree(bad)
+
+
+def test_best_tree_keeps_the_most_accepted_paths():
+    """Counts of rank paths at 100 roots: the best 4 nodes are the 4 most counted, and a child that ties its
+    parent or an unrelated node never comes before its parent."""
+    counts = Counter({(0,): 60, (1,): 20, (2,): 5, (0, 0): 40, (0, 1): 6, (1, 0): 20, (0, 0, 0): 30, (1, 0, 0): 1})
+    assert best_tree(counts, 4, 3) == ((0,), (1,), (0, 0), (0, 0, 0))  # (1,) before (1, 0), both 20
+    assert best_tree(counts, 5, 3) == ((0,), (1,), (0, 0), (1, 0), (0, 0, 0))
+    assert best_tree(counts, 8, 3) == tuple(sorted(counts, key=lambda p: (len(p), p)))
+    assert best_tree(counts, 5, 1) == ((0,), (1,), (2,), (3,), (4,))  # depth 1 only; (3,) and (4,) never matched
+    # Fewer matched paths than nodes: filled up with unmatched children of the lowest rank sum, prefix-closed.
+    assert best_tree(Counter({(0,): 3}), 4, 2) == ((0,), (1,), (0, 0), (0, 1))
+    assert best_tree(Counter(), 3, 3) == ((0,), (0, 0), (0, 0, 0))
 
 
 def test_tree_geometry_and_acceptance():
@@ -103,7 +127,7 @@ def test_tree_verify_equals_greedy_and_batching(kind, rate):
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
-@pytest.mark.parametrize("widths", [(2, 2), (3, 1)])
+@pytest.mark.parametrize("widths", [(2, 2), (3, 1), "0;1;3;0.0;0.2;3.0"])
 def test_tree_matches_cache_free_reference(kind, widths):
     """Tokens and calls equal those of verifying every path as its own chain with a full forward pass: the tree mask,
     its rotary positions and the move of the accepted path in the cache are exact."""
@@ -111,7 +135,7 @@ def test_tree_matches_cache_free_reference(kind, widths):
     prefix, lens, limits = random_batch(lm, 12, 700)
     out = decode(lm, prefix, lens, limits, "mtp-verify", draft_tree=widths)
     for r, hyp in enumerate(out.hyps):
-        want = reference_decode(lm, prefix[r, : lens[r]], "mtp-verify", 3, 0, int(limits[r]), widths=widths)
+        want = reference_decode(lm, prefix[r, : lens[r]], "mtp-verify", 3, 0, int(limits[r]), tree=widths)
         assert (hyp.tokens, hyp.decoder_calls, hyp.finished) == want, f"row {r}"
 
 
@@ -125,7 +149,7 @@ def test_ctc_verify_with_a_head_tree_equals_greedy():
     for t in tokens(greedy):  # greedy's output with about a third of the tokens replaced
         noisy = [x if torch.rand(1, generator=g) > 0.3 else int(torch.randint(3, 16, (1,), generator=g)) for x in t]
         drafts.append(noisy)
-    for widths in [(), (2, 2)]:
+    for widths in [(), (2, 2), "0;1;0.0;1.0;0.1"]:
         out = decode(lm, prefix, lens, limits, "ctc-verify", drafts=drafts, max_draft=4, draft_tree=widths)
         assert tokens(out) == tokens(greedy)
         assert out.accepted_external > 0
@@ -151,7 +175,11 @@ def test_verification_up_to_the_decoder_length_limit(widths):
 def test_tree_argument_errors():
     lm = tiny_lm(num_heads=3)
     prefix, lens, _ = random_batch(lm, 2, 0)
-    with pytest.raises(ValueError, match="needs 2 widths"):
+    with pytest.raises(ValueError, match="reaches depth 3, but heads 2..3 draft only 2 tokens"):
         generate(lm, prefix, lens, "mtp-verify", draft_tree=(2, 2, 2))
-    with pytest.raises(ValueError, match="needs 1 widths"):
-        generate(lm, prefix, lens, "mtp-verify", num_heads=2, draft_tree=(2, 0))
+    with pytest.raises(ValueError, match="reaches depth 2, but heads 2..2"):
+        generate(lm, prefix, lens, "mtp-verify", num_heads=2, draft_tree="0;0.0")
+    with pytest.raises(ValueError, match=">= 1"):
+        generate(lm, prefix, lens, "mtp-verify", draft_tree=(2, 0))
+    with pytest.raises(ValueError, match="lacks its parent"):
+        generate(lm, prefix, lens, "mtp-verify", draft_tree=((0,), (1, 1)))

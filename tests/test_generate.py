@@ -146,7 +146,7 @@ def test_hand_counted_tree_verify():
     assert calls(out) == [4, 3] and out.batch_calls == 4
     # head 1: 4 7 10 | 9 12; head 2: 5 8 11 | 10; head 3: 6 9 12 | 11
     assert out.accepted_per_head == [5, 4, 4]
-    assert reference_decode(lm, prefix[0, :2], "mtp-verify", 3, 0, 50, widths=(2, 2)) == (tokens(out)[0], 4, True)
+    assert reference_decode(lm, prefix[0, :2], "mtp-verify", 3, 0, 50, tree=(2, 2)) == (tokens(out)[0], 4, True)
 
 
 def test_hand_counted_threshold():

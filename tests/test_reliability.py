@@ -184,7 +184,7 @@ USAGE_ERRORS = {
     "nbest 0": (["decode", "--method", "beam", "--nbest", "0"], "'--nbest': 0 is not in the range x>=1"),
     "beam option without a beam method": (["decode", "--beam-size", "4"], "applies to beam and mtp-beam only"),
     "draft tree not integers": (["decode", "--method", "mtp-verify", "--draft-tree", "3,x"],
-                                "--draft-tree must be comma-separated integers"),
+                                "--draft-tree must be widths per head 2..K"),
     "draft tree width 0": (["decode", "--method", "ctc-verify", "--draft-tree", "2,0,1"], "widths must be >= 1"),
     "draft tree without verification": (["decode", "--draft-tree", "2,2,2"],
                                         "applies to mtp-verify and ctc-verify only"),

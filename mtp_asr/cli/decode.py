@@ -1,4 +1,4 @@
-"""Decoding commands: `decode`, `benchmark`, `transcribe` (thin wrappers over mtp_asr.decode)."""
+"""Decoding commands: `decode`, `benchmark`, `draft-tree`, `transcribe` (thin wrappers over mtp_asr.decode)."""
 from pathlib import Path
 
 import click
@@ -38,10 +38,12 @@ def method_options(fn):
                           "mtp-threshold)."),
         click.option("--max-draft", type=click.IntRange(min=1), default=32, show_default=True,
                      help="ctc-verify: draft tokens verified per decoder call at most."),
-        click.option("--draft-tree", callback=widths_option,
-                     help="mtp-verify, ctc-verify: candidates verified per head 2..K, e.g. 3,2,1: every combination "
-                          "of head 2's top 3, head 3's top 2 and head 4's top 1 in one call (tree attention; same "
-                          "output as greedy, fewer calls, more positions per call). Default: 1 each, a chain."),
+        click.option("--draft-tree", callback=tree_option,
+                     help="mtp-verify, ctc-verify: a tree of head drafts verified in one call (tree attention; same "
+                          "output as greedy, fewer calls, more positions per call). Widths per head 2..K, e.g. "
+                          "3,2,1: every combination of head 2's top 3, head 3's top 2 and head 4's top 1; or rank "
+                          "paths, e.g. 0;1;0.0 (head 2's best and second, and head 3's best after head 2's best), "
+                          "as `mtp-asr draft-tree` prints them. Default: a chain of each head's best."),
         click.option("--num-heads", "-K", type=click.IntRange(min=1),
                      help="Heads used by MTP methods (default: all of the model's)."),
         click.option("--beam-size", type=click.IntRange(min=1),
@@ -55,16 +57,16 @@ def method_options(fn):
     return fn
 
 
-def widths_option(ctx, param, value):
-    """--draft-tree '3,2,1' -> (3, 2, 1); None stays None (a chain); several values (benchmark) -> a list."""
-    from mtp_asr.decode.tree import parse_widths
+def tree_option(ctx, param, value):
+    """--draft-tree: checked here (widths '3,2,1' or rank paths '0;1;0.0'), kept as text; several (benchmark): a list."""
+    from mtp_asr.decode.tree_spec import parse_tree
 
     try:
-        if isinstance(value, tuple):
-            return [parse_widths(v) for v in value]
-        return None if value is None else parse_widths(value)
+        for text in value if isinstance(value, tuple) else [value or ""]:
+            parse_tree(text)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    return list(value) if isinstance(value, tuple) else value
 
 
 def options_for(methods: tuple, method: str, **options) -> dict:
@@ -123,8 +125,9 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,
               help="Draft tokens verified per call in the ctc-verify rows (default 32); repeatable. Each call costs "
                    "in proportion to the positions it verifies where compute is the bottleneck (a CPU).")
-@click.option("--draft-tree", "draft_trees", multiple=True, callback=widths_option,
-              help="Also run mtp-verify and ctc-verify with this draft tree (widths per head 2..K, e.g. 3,2,1); "
+@click.option("--draft-tree", "draft_trees", multiple=True, callback=tree_option,
+              help="Also run mtp-verify and ctc-verify with this draft tree (widths, e.g. 3,2,1, or rank paths as "
+                   "`mtp-asr draft-tree` prints them); "
                    "repeatable.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
@@ -151,6 +154,33 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
                   beam_size=beam_size, max_drafts=list(max_drafts) or [32], draft_trees=draft_trees)
+
+
+@main.command("draft-tree")
+@model_options
+@click.option("--cuts", "manifests", type=FILE, multiple=True, required=True,
+              help="Cuts with features to fit the tree on (held-out ones, e.g. dev); repeatable.")
+@click.option("--nodes", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Draft positions per call: each costs about what a decoder position costs.")
+@click.option("--max-cuts", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Use a random subset of N cuts at most.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@library_call
+def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, max_cuts, batch_size):
+    """Print the draft tree of --nodes nodes that the model's heads get accepted most often on the cuts.
+
+    The output is `--draft-tree` text for decode, benchmark and transcribe (rank paths: 0;1;0.0 are head 2's best
+    and second tokens, and head 3's best after head 2's best). Logs the estimated tokens per verification call of
+    this tree, of other sizes and of product trees (see mtp_asr/decode/tree_fit.py).
+    """
+    from mtp_asr.decode.run import pick_device, resolve_checkpoint
+    from mtp_asr.decode.tree_fit import fit_tree
+
+    path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
+    if n_avg > 1:
+        raise click.BadParameter("fit the tree on an averaged checkpoint file (mtp-asr average)", param_hint="--avg")
+    spec, _ = fit_tree(path, manifests, nodes, batch_size, max_cuts, device=pick_device(device))
+    click.echo(spec)
 
 
 @main.command("transcribe")

@@ -7,8 +7,8 @@ after that row's accepted positions (see `mtp_asr.model.llama` for the per-row c
 - pending tokens are already part of the output but not yet in the cache;
 - drafts are guesses, checked in this very call: a draft is accepted when it equals head 1's argmax at the position
   before it and the drafts before it were accepted (blockwise parallel decoding, Stern et al. 2018). The drafts of
-  a row form a tree (`mtp_asr.decode.tree`): a chain by default, or with `draft_tree` every combination of the heads'
-  top candidates, verified at once with tree attention; the accepted path is the longest one that matches.
+  a row form a tree (`mtp_asr.decode.tree`): a chain by default, or with `draft_tree` several combinations of the heads'
+  top candidates (`mtp_asr.decode.tree_spec`), verified at once with tree attention; the accepted path is the longest one that matches.
 
 Head 1's argmax at the last kept position is always emitted (the correction after a rejected draft, or a bonus token
 after all were accepted). What happens with heads 2..K at that position is the method:
@@ -26,7 +26,6 @@ after all were accepted). What happens with heads 2..K at that position is the m
 A row leaves the batch (and its cache rows are dropped) once it emits EOS or reaches its length limit.
 Decoder calls are counted per utterance (the calls its row took part in, independent of batching) and per batch.
 """
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from mtp_asr.decode.drafts import DraftAligner, draft_sequences
 from mtp_asr.decode.tree import DraftTree, TreeBatch, head_paths, move_plan
+from mtp_asr.decode.tree_spec import check_paths, parse_tree, product_paths, tree_depth
 from mtp_asr.model.lm import MTPLanguageModel
 
 METHODS = ("greedy", "mtp-threshold", "mtp-verify", "ctc-verify")
@@ -59,13 +59,13 @@ class GenerateOutput:
 def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: str = "greedy",
              num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200,
              drafts: Optional[Sequence[Sequence[int]]] = None, max_draft: int = 32,
-             draft_tree: Sequence[int] = ()) -> GenerateOutput:
+             draft_tree=()) -> GenerateOutput:
     """Decode every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
 
     num_heads: heads to use (default: all of the model's; `greedy` uses 1). max_new_tokens: an int or a (B,) tensor
     of per-row limits, EOS excluded. drafts (ctc-verify): one token sequence per row (without EOS); max_draft: draft
-    tokens verified per call at most. draft_tree (mtp-verify, ctc-verify): candidates verified per head 2..K, a tree
-    of their combinations (see `mtp_asr.decode.tree`); empty: one each, a chain.
+    tokens verified per call at most. draft_tree (mtp-verify, ctc-verify): the shape of the tree of head drafts verified
+    per call (`mtp_asr.decode.tree_spec`): `--draft-tree` text, widths per head 2..K, or rank paths; empty: a chain.
     """
     if method not in METHODS:
         raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
@@ -81,13 +81,14 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     if method == "ctc-verify" and (drafts is None or len(drafts) != B or max_draft < 1):
         raise ValueError("ctc-verify needs one draft sequence per row and max_draft >= 1")
     verify = method in ("mtp-verify", "ctc-verify")
-    widths = tuple(draft_tree) or (1,) * (K - 1)
-    if verify and (len(widths) != K - 1 or min(widths, default=1) < 1):
-        raise ValueError(f"the draft tree (--draft-tree) needs {K - 1} widths >= 1, one per head 2..{K} "
-                         f"(got {tuple(draft_tree)})")
+    rank_paths = tree_paths(draft_tree, K)
+    if verify and tree_depth(rank_paths) > K - 1:
+        raise ValueError(f"the draft tree (--draft-tree) reaches depth {tree_depth(rank_paths)}, but heads 2..{K} "
+                         f"draft only {K - 1} tokens")
+    top = max((r for p in rank_paths for r in p), default=0) + 1  # candidates needed per head
     aligners = [DraftAligner(d) for d in draft_sequences(drafts, lm.eos_id)] if method == "ctc-verify" else None
 
-    lookahead = (max_draft if aligners else 0) + sum(math.prod(widths[:j + 1]) for j in range(K - 1)) + K
+    lookahead = (max_draft if aligners else 0) + len(rank_paths) + K
     cache = lm.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * lookahead + 1, prefix_lens,
                          dtype=prefix.dtype)
     rows = torch.arange(B, device=device)  # original row index of each live row
@@ -134,8 +135,8 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         if K > 1 and (verify or method == "mtp-threshold"):
             logits = torch.stack([lm.heads.logits(lm.decoder, k, lm.heads.head_state(states, k, (ar, last)))
                                   for k in range(1, K)], 1)
-            if verify and max(widths) > 1:
-                extra = logits.topk(max(widths), dim=-1).indices  # (live, K-1, w)
+            if verify and top > 1:
+                extra = logits.topk(top, dim=-1).indices  # (live, K-1, top)
             else:
                 extra = logits.argmax(-1, keepdim=True)  # (live, K-1, 1)
             if not verify:
@@ -180,7 +181,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
                 external = aligners[r].continuation(min(max_draft, int(limits[r]) - len(out[r])))
                 paths.append((external, [0] * len(external)))
             if verify and extra_l:
-                paths += head_paths(extra_l[i], widths)
+                paths += head_paths(extra_l[i], rank_paths)
             next_trees.append(DraftTree.from_paths(paths))
         if not keep:
             break
@@ -202,3 +203,18 @@ def _next_block(pending: list, trees: list, device) -> tuple[Tensor, Tensor]:
     for i, (p, t) in enumerate(zip(pending, trees)):
         block[i, : len(p) + len(t)] = torch.tensor(p + t.tokens)
     return block.to(device), torch.tensor([len(p) for p in pending], device=device)
+
+
+def tree_paths(draft_tree, num_heads: int) -> tuple:
+    """The rank paths of a draft tree given as `--draft-tree` text, widths (ints) or rank paths; () -> the chain."""
+    if isinstance(draft_tree, str):
+        draft_tree = parse_tree(draft_tree)
+    draft_tree = tuple(draft_tree)
+    if not draft_tree:
+        return product_paths((1,) * (num_heads - 1))
+    if all(isinstance(w, int) for w in draft_tree):
+        if min(draft_tree) < 1:
+            raise ValueError(f"draft tree widths must be >= 1 (got {draft_tree})")
+        return product_paths(draft_tree)
+    check_paths(draft_tree)
+    return draft_tree

@@ -120,7 +120,7 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
 def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Sequence[int], thresholds: Sequence[float],
                   out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0,
                   beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,),
-                  draft_trees: Sequence[tuple] = ()) -> list:
+                  draft_trees: Sequence[str] = ()) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
     greedy run; `mtp-verify` and `ctc-verify` (for a model with a CTC head, at every draft length in `max_drafts`)
     with a chain of head drafts and with each of `draft_trees`; `beam` and
@@ -136,7 +136,7 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
         DecodeSettings("mtp-verify")] + [DecodeSettings("mtp-verify", draft_tree=w) for w in draft_trees]
     if model.encoder.ctc_head is not None:
         methods += [DecodeSettings("ctc-verify", max_draft=d, draft_tree=w) for d in max_drafts
-                    for w in [()] + list(draft_trees)]
+                    for w in [""] + list(draft_trees)]
     if beam_size:
         methods += [DecodeSettings("beam", beam_size=beam_size)] + [
             DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds]

@@ -15,7 +15,7 @@ from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
 from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.generate import METHODS, generate
-from mtp_asr.decode.summary import tree_name
+from mtp_asr.decode.tree_spec import parse_tree, tree_name
 from mtp_asr.model.speech_llama import SpeechLlama
 from mtp_asr.utils import Progress
 
@@ -34,7 +34,7 @@ class DecodeSettings:
     nbest: Optional[int] = None  # hypotheses kept per utterance by beam methods; None: beam_size
     length_norm: float = 0.5  # beam methods rank by score / length ** length_norm
     max_draft: int = 32  # ctc-verify: draft tokens verified per decoder call at most
-    draft_tree: tuple = ()  # mtp-verify, ctc-verify: candidates verified per head 2..K (a tree); (): a chain
+    draft_tree: str = ""  # mtp-verify, ctc-verify: the draft tree's shape (`--draft-tree`, tree_spec); "": a chain
 
     def __post_init__(self):
         if self.method not in DECODE_METHODS:
@@ -51,10 +51,10 @@ class DecodeSettings:
             raise ValueError(f"--length-norm must be >= 0 (got {self.length_norm})")
         if self.max_draft < 1:
             raise ValueError(f"--max-draft must be >= 1 (got {self.max_draft})")
-        self.draft_tree = tuple(self.draft_tree)
-        if self.draft_tree and (self.method not in ("mtp-verify", "ctc-verify") or min(self.draft_tree) < 1):
-            raise ValueError(f"--draft-tree takes widths >= 1 and applies to mtp-verify and ctc-verify only "
-                             f"(got {self.draft_tree} with --method {self.method})")
+        self.draft_tree = self.draft_tree or ""
+        parse_tree(self.draft_tree)  # a clear error now rather than at the first batch
+        if self.draft_tree and self.method not in ("mtp-verify", "ctc-verify"):
+            raise ValueError(f"--draft-tree applies to mtp-verify and ctc-verify only (got --method {self.method})")
 
     @property
     def is_beam(self) -> bool:
@@ -107,7 +107,7 @@ class DecodeResult:
             "num_heads": self.settings.num_heads,
             "beam_size": self.settings.beam_size if self.settings.is_beam else None,
             "length_norm": self.settings.length_norm if self.settings.is_beam else None,
-            "draft_tree": list(self.settings.draft_tree) or None,
+            "draft_tree": self.settings.draft_tree or None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,
             "audio_seconds": round(self.audio_seconds, 3),

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from mtp_asr.decode.tree_spec import tree_name
 from mtp_asr.utils import atomic_write_text
 
 COLUMNS = ("test_set", "method", "threshold", "beam_size", "wer", "num_decoder_calls", "tokens_per_call",
@@ -35,14 +36,15 @@ def add_speedups(rows: list) -> list:
     return rows
 
 
-def tree_name(widths: Sequence[int]) -> str:
-    """'3x2x1' for a draft tree, '' for a chain (no widths, or all 1) — in result-file names and tables."""
-    return "x".join(map(str, widths)) if widths and max(widths) > 1 else ""
+def tree_text(s: dict) -> str:
+    """A summary's draft tree as `--draft-tree` text ('' for a chain); summaries before node lists held widths."""
+    tree = s.get("draft_tree") or ""
+    return tree if isinstance(tree, str) else ",".join(map(str, tree))
 
 
 def method_name(s: dict) -> str:
     """The method, with its draft tree when it verifies one (e.g. `mtp-verify tree 4x4x4`)."""
-    tree = tree_name(s.get("draft_tree") or ())
+    tree = tree_name(tree_text(s))
     return s["method"] + (f" tree {tree}" if tree else "")
 
 
@@ -67,7 +69,7 @@ def summarize(dirs: Sequence[Path], out: Path) -> str:
         raise FileNotFoundError(f"no summary-*.json files under {', '.join(map(str, dirs))}")
     order = {"greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "beam": 4, "mtp-beam": 5}
     rows.sort(key=lambda s: (s["test_set"], s.get("checkpoint", ""), order.get(s["method"], 9),
-                             s.get("draft_tree") or [], s.get("threshold") or 0, s.get("beam_size") or 0))
+                             tree_text(s), s.get("threshold") or 0, s.get("beam_size") or 0))
     add_speedups(rows)
     out = Path(out)
     atomic_write_text(out, json.dumps([{k: s.get(k) for k in COLUMNS + ("checkpoint", "batch_size", "draft_tree",

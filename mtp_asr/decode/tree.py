@@ -2,17 +2,18 @@
 
 Blockwise parallel decoding verifies one chain of drafts: head k's top token for position +k. When head 2's top
 token is wrong, the call keeps nothing even if its second choice was right. A draft tree (Medusa's tree attention,
-Cai et al. 2024) verifies the combinations of each head's top-w_k tokens at once: a node is one candidate token,
+Cai et al. 2024) verifies several combinations of the heads' top tokens at once: a node is one candidate token,
 placed one rotary position after its parent and attending only to the cache and to its ancestors, so every
 root-to-node path is scored exactly as if it had been fed alone. A node is accepted when its token is head 1's
 argmax at its parent and its parent was accepted; siblings hold different tokens, so the accepted nodes form one
 path, and the output stays identical to greedy decoding. After the call the accepted path's keys and values are
 moved to the cache slots a chain would have used (`KVCache.move`).
 
-Widths (w_2, ..., w_K) make the tree the product of the heads' top-w_k lists: (1, 1, 1) is the chain, (3, 2, 1) has
-3 + 6 + 6 = 15 nodes. External drafts (ctc-verify's CTC continuation) are one more path, merged into the same trie.
+The tree's shape is a set of rank paths (`mtp_asr.decode.tree_spec`): the product of the heads' top-w_k lists
+(widths 1,1,1 are the chain, 3,2,1 has 3 + 6 + 6 = 15 nodes), or any prefix-closed set of paths, such as the N that a
+model's heads get right most often (`mtp-asr draft-tree`). External drafts (ctc-verify's CTC continuation) are
+one more path, merged into the same trie.
 """
-import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -68,21 +69,10 @@ class DraftTree:
         return out[::-1]
 
 
-def head_paths(candidates: Sequence[Sequence[int]], widths: Sequence[int]) -> list:
-    """(tokens, sources) paths of the product tree: candidates[j] are head (j+2)'s tokens, best first."""
-    ranks = itertools.product(*(range(w) for w in widths))
-    return [([candidates[j][r] for j, r in enumerate(rank)], list(range(2, 2 + len(rank)))) for rank in ranks]
-
-
-def parse_widths(text: str) -> tuple:
-    """'3,2,1' -> (3, 2, 1): candidates verified per head 2..K."""
-    try:
-        widths = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        raise ValueError(f"--draft-tree must be comma-separated integers, one per head 2..K (got {text!r})") from None
-    if not widths or min(widths) < 1:
-        raise ValueError(f"--draft-tree widths must be >= 1 (got {text!r})")
-    return widths
+def head_paths(candidates: Sequence[Sequence[int]], rank_paths: Sequence[tuple]) -> list:
+    """(tokens, sources) of each node's path (`mtp_asr.decode.tree_spec`): candidates[j] are head (j+2)'s tokens, best
+    first."""
+    return [([candidates[j][r] for j, r in enumerate(ranks)], list(range(2, 2 + len(ranks)))) for ranks in rank_paths]
 
 
 class TreeBatch:
