@@ -177,9 +177,7 @@ def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, ma
     from mtp_asr.decode.tree_fit import fit_tree
 
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
-    if n_avg > 1:
-        raise click.BadParameter("fit the tree on an averaged checkpoint file (mtp-asr average)", param_hint="--avg")
-    spec, _ = fit_tree(path, manifests, nodes, batch_size, max_cuts, device=pick_device(device))
+    spec, _ = fit_tree(path, manifests, nodes, batch_size, max_cuts, avg=n_avg, device=pick_device(device))
     click.echo(spec)
 
 

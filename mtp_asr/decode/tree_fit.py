@@ -57,10 +57,11 @@ def tokens_per_call(counts: Counter, roots: int, paths: Sequence[tuple]) -> floa
 
 
 def fit_tree(checkpoint: Path, manifests: Sequence[Path], num_nodes: int, batch_size: int = 16,
-             max_cuts: int = 500, seed: int = 0, device: Optional[torch.device] = None) -> tuple[str, list]:
+             max_cuts: int = 500, seed: int = 0, avg: int = 1, device: Optional[torch.device] = None
+             ) -> tuple[str, list]:
     """The best shape of `num_nodes` nodes for the model on these cuts, as `--draft-tree` text, and a table (rows of
     shape name, nodes, estimated tokens per call) comparing it with other sizes and with product trees."""
-    model, tokenizer, _ = load_speech_model(checkpoint, device or "cpu")
+    model, tokenizer, _ = load_speech_model(checkpoint, device or "cpu", avg=avg)
     lm = model.lm
     if lm.num_heads < 2:
         raise ValueError(f"{checkpoint} has one head: there are no drafts to arrange in a tree")
