@@ -58,13 +58,14 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
             want = {"greedy", "mtp-verify", "mtp-beam"} | ({"mtp-threshold", "ctc-verify", "beam"}
                                                           if model.startswith("avg") else set())
             assert methods == want, (model, methods)
-            trees = [r["draft_tree"] for r in these if r["method"] == "mtp-verify" and r["draft_tree"]]
+            trees = {r["method"]: r["draft_tree"] for r in these if r["draft_tree"]}
             if model.startswith("avg"):  # the tree of 24 nodes fitted on dev (fewer if fewer rank paths occurred)
-                (tree,) = trees
+                assert sorted(trees) == ["ctc-verify", "mtp-verify"]  # each also with the tree
+                (tree,) = set(trees.values())
                 assert tree == (recipe / "exp" / "asr" / "decode" / "draft-tree-24.txt").read_text().strip()
                 assert 0 < len(parse_tree(tree)) <= 24 and max(map(len, parse_tree(tree))) <= 3
             else:
-                assert trees == [], (model, trees)
+                assert trees == {}, (model, trees)
             greedy = next(r for r in these if r["method"] == "greedy")
             for r in these:
                 if r["method"] in ("mtp-verify", "ctc-verify"):
@@ -139,7 +140,8 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
     assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
     base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2-distilled"}
     assert base == {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"}
-    assert sum(bool(r["draft_tree"]) for r in rows) == 2  # mtp-verify with the tree fitted on dev, per test part
+    # mtp-verify and ctc-verify with the tree fitted on dev, per test part
+    assert sorted(r["method"] for r in rows if r["draft_tree"]) == ["ctc-verify"] * 2 + ["mtp-verify"] * 2
     assert (recipe / "exp" / "asr" / "decode" / "draft-tree-24.txt").is_file()
     assert {r["method"] for r in rows if r["checkpoint"] == "epoch-1"} == {"greedy", "mtp-verify", "mtp-beam"}  # MWER
     assert all(r["num_utts"] == 3 for r in rows)

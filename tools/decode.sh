@@ -11,16 +11,17 @@ decode_all() {
   done
 }
 
-# decode_fitted_tree MODEL OUT_DIR NODES SET... fits the draft tree of NODES nodes that MODEL's heads get accepted most
-# often on data/fbank/cuts_<set>.jsonl.gz (held-out sets: dev), keeps it in OUT_DIR/draft-tree-NODES.txt, and
-# decodes every set in $decode_sets with mtp-verify and that tree.
+# decode_fitted_tree MODEL OUT_DIR NODES "SETS" "METHODS" [decode options...] fits the draft tree of NODES nodes that
+# MODEL's heads get accepted most often on data/fbank/cuts_<set>.jsonl.gz for each of SETS (held-out sets: dev),
+# keeps it in OUT_DIR/draft-tree-NODES.txt, and decodes every set in $decode_sets with each of METHODS
+# (mtp-verify, ctc-verify) and that tree.
 decode_fitted_tree() {
-  local model=$1 out=$2 nodes=$3 cuts=() s tree=$2/draft-tree-$3.txt
-  shift 3
-  for s in "$@"; do cuts+=(--cuts "data/fbank/cuts_$s.jsonl.gz"); done
+  local model=$1 out=$2 nodes=$3 sets=$4 methods=$5 cuts=() s tree=$2/draft-tree-$3.txt
+  shift 5
+  for s in $sets; do cuts+=(--cuts "data/fbank/cuts_$s.jsonl.gz"); done
   mkdir -p "$out"
   mtp-asr draft-tree --checkpoint "$model" "${cuts[@]}" --nodes "$nodes" --batch-size "$decode_batch_size" \
     --device "$device" > "$tree.tmp"
   mv "$tree.tmp" "$tree"
-  decode_all "$model" "$out" mtp-verify --draft-tree "$(cat "$tree")"
+  decode_all "$model" "$out" "$methods" --draft-tree "$(cat "$tree")" "$@"
 }

@@ -26,7 +26,8 @@ distill_steps=2000 # self-distillation of heads 2..K (stage 7); 0 skips it
 distill_cuts=5000  # training cuts decoded for it
 ngpu=auto          # processes for torchrun (auto: the number of GPUs, 1 without any)
 thresholds="0.6 0.8 0.9"
-draft_tree_nodes=24  # stage 8 also runs mtp-verify with a draft tree of this many nodes, fitted on dev; 0 skips
+draft_tree_nodes=24  # stage 8 also runs mtp-verify and ctc-verify with a draft tree of this many nodes fitted on
+                     # dev; 0 skips
 decode_batch_size=32
 beam_size=4
 beam_threshold=0.8 # tau of mtp-beam
@@ -49,8 +50,8 @@ Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done 
   6  average the last --avg epochs
   7  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
      skips it; greedy output does not change)
-  8  decode the test parts: greedy, mtp-threshold (a sweep), mtp-verify (and with a draft tree fitted on dev),
-     ctc-verify, beam, mtp-beam
+  8  decode the test parts: greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (also with a draft tree
+     fitted on dev), beam, mtp-beam
   9  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
   10 decode the MWER model: greedy, mtp-verify, mtp-beam
   11 results table: exp/summary.json and exp/summary.md
@@ -195,7 +196,7 @@ if should_run 8 decode; then
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
   decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}"
   if [ "$draft_tree_nodes" -gt 0 ] && [ -n "$dev_cuts" ]; then
-    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" $dev_cuts
+    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" "$dev_cuts" "mtp-verify ctc-verify"
   fi
   decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold"
   mark_done decode

@@ -22,7 +22,8 @@ avg=2
 distill_steps=600  # self-distillation of heads 2..K (stage 8); 0 skips it
 distill_cuts=500   # training cuts decoded for it
 thresholds="0.5 0.8"
-draft_tree_nodes=24  # stage 9 also runs mtp-verify with a draft tree of this many nodes, fitted on dev; 0 skips
+draft_tree_nodes=24  # stage 9 also runs mtp-verify and ctc-verify with a draft tree of this many nodes fitted on
+                     # dev; 0 skips
 decode_batch_size=16
 beam_size=4
 beam_threshold=0.8 # tau of mtp-beam
@@ -43,8 +44,8 @@ Stages (--stage N --stop-stage M run a range; finished stages are skipped throug
   7  average the last --avg epochs
   8  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
      skips it); the trunk and head 1 stay as they are, so greedy output does not change
-  9  decode every test set: greedy, mtp-threshold (a sweep), mtp-verify (a chain of drafts, and a tree of
-     --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree), ctc-verify
+  9  decode every test set: greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (with a chain of head
+     drafts, and with a tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree)
   10 beam searches: beam and the prefix-based mtp-beam (--beam-size)
   11 MWER fine-tuning on mtp-beam N-best lists (exp/mwer; --mwer-steps)
   12 decode the MWER model: greedy, mtp-verify, mtp-beam
@@ -182,7 +183,7 @@ if should_run 9 decode; then
   decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}" \
     --max-draft 8
   if [ "$draft_tree_nodes" -gt 0 ]; then
-    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" dev
+    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" dev "mtp-verify ctc-verify" --max-draft 8
   fi
   mark_done decode
 fi
