@@ -50,7 +50,9 @@ def method_options(fn):
                      help="Beam width of beam and mtp-beam (default 4)."),
         click.option("--length-norm", type=click.FloatRange(min=0),
                      help="Beam methods rank hypotheses by score / length ** this (default 0.5; 1: per-token "
-                          "average; 0: plain sum, which favours early EOS)."),
+                          "average; 0: plain sum, which favours early EOS)."),        click.option("--decoder-threads", type=click.IntRange(min=0), default=1, show_default=True,
+                     help="CPU threads of the decoder loop (0: torch's setting). Its matrix products have a few "
+                          "rows: a second thread costs more to wake than it saves (RESULTS.md)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -94,7 +96,7 @@ def options_for(methods: tuple, method: str, **options) -> dict:
               help="Result directory (default: EXP_DIR/<method>, or the checkpoint's directory/<method>).")
 @library_call
 def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_tree, beam_size,
-               length_norm, manifests, thresholds, nbest, batch_size, out_dir):
+               length_norm, decoder_threads, manifests, thresholds, nbest, batch_size, out_dir):
     """Decode cut sets; write icefall-style results per set and setting.
 
     In OUT_DIR: recogs-<set>-<suffix>.txt, errs-<set>-<suffix>.txt (alignment, WER, per-utterance, substitutions,
@@ -106,7 +108,8 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
     from mtp_asr.decode.run import resolve_checkpoint, run_decode
 
     options = {**options_for(BEAM_METHODS, method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
-               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree), "max_draft": max_draft}
+               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree), "max_draft": max_draft,
+               "decoder_threads": decoder_threads}
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     out_dir = out_dir or path.parent / method
     run_decode(path, n_avg, name, manifests, method, thresholds, num_heads, batch_size, out_dir, device, **options)
@@ -120,6 +123,8 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
               help="Thresholds for the mtp-threshold (and mtp-beam) rows (default 0.8); repeatable.")
 @click.option("--max-utts", type=click.IntRange(min=0), default=0, help="Use only the first N cuts (0: all).")
 @click.option("--num-threads", type=click.IntRange(min=1), help="torch CPU threads (fixed for fair timing).")
+@click.option("--decoder-threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="CPU threads of the decoder loop (0: --num-threads).")
 @click.option("--beam-size", type=click.IntRange(min=1),
               help="Also run beam and mtp-beam (at every threshold) with this beam width.")
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,
@@ -132,7 +137,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  beam_size, max_drafts, draft_trees, out_dir):
+                  decoder_threads, beam_size, max_drafts, draft_trees, out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
@@ -153,7 +158,8 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
         raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-sizes")
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
-                  beam_size=beam_size, max_drafts=list(max_drafts) or [32], draft_trees=draft_trees)
+                  beam_size=beam_size, max_drafts=list(max_drafts) or [32], draft_trees=draft_trees,
+                  decoder_threads=decoder_threads)
 
 
 @main.command("draft-tree")
@@ -189,12 +195,12 @@ def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, ma
 @click.argument("files", type=FILE, nargs=-1, required=True)
 @library_call
 def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_tree, beam_size,
-                   length_norm, threshold, files):
+                   length_norm, decoder_threads, threshold, files):
     """Print `FILE<TAB>transcript` for each audio file (wav, flac, ogg, mp3; any sample rate; mono or stereo)."""
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
 
-    settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft,
+    settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft, decoder_threads=decoder_threads,
                               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)

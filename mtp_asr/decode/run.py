@@ -3,6 +3,7 @@ import json
 import logging
 import platform
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -120,7 +121,7 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
 def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Sequence[int], thresholds: Sequence[float],
                   out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0,
                   beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,),
-                  draft_trees: Sequence[str] = ()) -> list:
+                  draft_trees: Sequence[str] = (), decoder_threads: int = 1) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
     greedy run; `mtp-verify` and `ctc-verify` (for a model with a CTC head, at every draft length in `max_drafts`)
     with a chain of head drafts and with each of `draft_trees`; `beam` and
@@ -140,7 +141,8 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
     if beam_size:
         methods += [DecodeSettings("beam", beam_size=beam_size)] + [
             DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds]
-    warm_up = [DecodeSettings("greedy"), DecodeSettings("mtp-verify")] + (methods[-1:] if beam_size else [])
+    methods = [replace(s, decoder_threads=decoder_threads) for s in methods]
+    warm_up = [methods[0], replace(methods[0], method="mtp-verify")] + (methods[-1:] if beam_size else [])
     for settings in warm_up:  # allocator, kernels, caches (and the larger row counts of a beam)
         decode_cuts(model, tokenizer, warm, settings, max(batch_sizes), desc="warm-up")
     rows = []
@@ -161,8 +163,12 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
             row["same_as_greedy"] = round(sum(res.tokens[c] == base_tokens[c] for c in base_tokens)
                                           / max(len(base_tokens), 1), 4)
             rows.append(row)
-    info = {"checkpoint": str(checkpoint), "avg": avg, "cuts": str(manifest), "device": device_name(dev),
-            "torch": torch.__version__, "num_threads": torch.get_num_threads(), "rows": rows}
+    device_text = device_name(dev)
+    if dev.type == "cpu" and decoder_threads:
+        device_text += f", decoder loop on {decoder_threads} thread{'s' if decoder_threads > 1 else ''}"
+    info = {"checkpoint": str(checkpoint), "avg": avg, "cuts": str(manifest), "device": device_text,
+            "torch": torch.__version__, "num_threads": torch.get_num_threads(), "decoder_threads": decoder_threads,
+            "rows": rows}
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "benchmark.json", json.dumps(info, indent=2) + "\n")
     table = benchmark_table(rows)

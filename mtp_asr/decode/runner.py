@@ -4,6 +4,7 @@
 Timing: the encoder (with the adapter and prompt) and the decoder loop are timed separately, synchronising the GPU
 around each; RTF = (encoder + decoder seconds) / audio seconds.
 """
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,10 @@ class DecodeSettings:
     length_norm: float = 0.5  # beam methods rank by score / length ** length_norm
     max_draft: int = 32  # ctc-verify: draft tokens verified per decoder call at most
     draft_tree: str = ""  # mtp-verify, ctc-verify: the draft tree's shape (`--draft-tree`, tree_spec); "": a chain
+    # On the CPU the decoder loop runs on this many threads (0: torch's setting). Its matrix products have a few rows,
+    # and with passive OpenMP waiting (mtp_asr.cli) waking a second thread costs about 100 us per product, more than
+    # the product itself: one thread decodes the demo model 1.5x (greedy) to 3x (mtp-verify) faster (RESULTS.md).
+    decoder_threads: int = 1
 
     def __post_init__(self):
         if self.method not in DECODE_METHODS:
@@ -51,6 +56,8 @@ class DecodeSettings:
             raise ValueError(f"--length-norm must be >= 0 (got {self.length_norm})")
         if self.max_draft < 1:
             raise ValueError(f"--max-draft must be >= 1 (got {self.max_draft})")
+        if self.decoder_threads < 0:
+            raise ValueError(f"--decoder-threads must be >= 0 (got {self.decoder_threads})")
         self.draft_tree = self.draft_tree or ""
         parse_tree(self.draft_tree)  # a clear error now rather than at the first batch
         if self.draft_tree and self.method not in ("mtp-verify", "ctc-verify"):
@@ -108,6 +115,7 @@ class DecodeResult:
             "beam_size": self.settings.beam_size if self.settings.is_beam else None,
             "length_norm": self.settings.length_norm if self.settings.is_beam else None,
             "draft_tree": self.settings.draft_tree or None,
+            "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,
             "audio_seconds": round(self.audio_seconds, 3),
@@ -157,14 +165,32 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     room = [model.max_new_tokens(int(n)) for n in feat_lens.tolist()]
     limits = torch.tensor([min(int(10 + settings.max_tokens_per_second * d), r) for d, r in zip(durations, room)],
                           device=device)
-    if settings.is_beam:
-        out = beam_search(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
-                          limits, settings.beam_size, settings.nbest, settings.length_norm)
-    else:
-        out = generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
-                       limits, drafts=drafts, max_draft=settings.max_draft, draft_tree=settings.draft_tree)
+    with cpu_threads(settings.decoder_threads, device):
+        out = _search(model, prefix, prefix_lens, settings, limits, drafts)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int, device: torch.device):
+    """torch's intra-op threads set to n for the block on the CPU (0, or another device: unchanged)."""
+    if n <= 0 or device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts):
+    if settings.is_beam:
+        return beam_search(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
+                           limits, settings.beam_size, settings.nbest, settings.length_norm)
+    return generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
+                    limits, drafts=drafts, max_draft=settings.max_draft, draft_tree=settings.draft_tree)
 
 
 def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, batch_size: int = 16,
