@@ -92,3 +92,21 @@ def format_seconds(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int, device):
+    """torch's intra-op threads set to n for the block on the CPU (n = 0, or another device: unchanged). Decoder
+    loops use it: their matrix products have a few rows, and with passive OpenMP waiting (mtp_asr.cli) a second
+    thread costs more to wake than it saves (`DecodeSettings.decoder_threads`)."""
+    import torch
+
+    if n <= 0 or device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -4,7 +4,6 @@
 Timing: the encoder (with the adapter and prompt) and the decoder loop are timed separately, synchronising the GPU
 around each; RTF = (encoder + decoder seconds) / audio seconds.
 """
-import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.generate import METHODS, generate
 from mtp_asr.decode.tree_spec import parse_tree, tree_name
 from mtp_asr.model.speech_llama import SpeechLlama
-from mtp_asr.utils import Progress
+from mtp_asr.utils import Progress, cpu_threads
 
 logger = logging.getLogger("mtp_asr")
 
@@ -38,7 +37,7 @@ class DecodeSettings:
     draft_tree: str = ""  # mtp-verify, ctc-verify: the draft tree's shape (`--draft-tree`, tree_spec); "": a chain
     # On the CPU the decoder loop runs on this many threads (0: torch's setting). Its matrix products have a few rows,
     # and with passive OpenMP waiting (mtp_asr.cli) waking a second thread costs about 100 us per product, more than
-    # the product itself: one thread decodes the demo model 1.5x (greedy) to 3x (mtp-verify) faster (RESULTS.md).
+    # the product itself: one thread decodes the demo model 1.3x to 3.5x faster than two (egs/synth/asr/RESULTS.md).
     decoder_threads: int = 1
 
     def __post_init__(self):
@@ -169,20 +168,6 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
         out = _search(model, prefix, prefix_lens, settings, limits, drafts)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int, device: torch.device):
-    """torch's intra-op threads set to n for the block on the CPU (0, or another device: unchanged)."""
-    if n <= 0 or device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts):
