@@ -2,8 +2,10 @@
 import os
 
 # OpenMP threads that spin while waiting turn any oversubscription (two jobs on two cores, torchrun ranks, a test
-# suite beside a training run) into 20-30x slowdowns on small CPU ops (measured); passive waiting costs nothing
-# noticeable on an idle machine. Set before torch (imported lazily by the commands) starts OpenMP.
+# suite beside a training run) into 20-100x slowdowns on small CPU ops (measured). Passive waiting costs about 100 us
+# per parallel op to wake a thread: nothing next to training's large ops, too much for a decoder loop's small ones,
+# which therefore run on one thread (DecodeSettings.decoder_threads). Set before torch (imported lazily by the
+# commands) starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
