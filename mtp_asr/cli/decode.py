@@ -27,6 +27,12 @@ def model_options(fn):
     return fn
 
 
+decoder_threads_option = click.option(
+    "--decoder-threads", type=click.IntRange(min=0), default=1, show_default=True,
+    help="CPU threads of the decoder loop (0: torch's, or benchmark's --num-threads). Its matrix products have a few "
+         "rows: a second thread costs more to wake than it saves (egs/synth/asr/RESULTS.md).")
+
+
 def method_options(fn):
     options = [
         click.option("--method", type=click.Choice(METHOD_CHOICES), default="greedy", show_default=True,
@@ -50,9 +56,8 @@ def method_options(fn):
                      help="Beam width of beam and mtp-beam (default 4)."),
         click.option("--length-norm", type=click.FloatRange(min=0),
                      help="Beam methods rank hypotheses by score / length ** this (default 0.5; 1: per-token "
-                          "average; 0: plain sum, which favours early EOS)."),        click.option("--decoder-threads", type=click.IntRange(min=0), default=1, show_default=True,
-                     help="CPU threads of the decoder loop (0: torch's setting). Its matrix products have a few "
-                          "rows: a second thread costs more to wake than it saves (RESULTS.md)."),
+                          "average; 0: plain sum, which favours early EOS)."),
+        decoder_threads_option,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -123,8 +128,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
               help="Thresholds for the mtp-threshold (and mtp-beam) rows (default 0.8); repeatable.")
 @click.option("--max-utts", type=click.IntRange(min=0), default=0, help="Use only the first N cuts (0: all).")
 @click.option("--num-threads", type=click.IntRange(min=1), help="torch CPU threads (fixed for fair timing).")
-@click.option("--decoder-threads", type=click.IntRange(min=0), default=1, show_default=True,
-              help="CPU threads of the decoder loop (0: --num-threads).")
+@decoder_threads_option
 @click.option("--beam-size", type=click.IntRange(min=1),
               help="Also run beam and mtp-beam (at every threshold) with this beam width.")
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,

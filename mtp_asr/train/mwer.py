@@ -91,10 +91,10 @@ class MWERTask(SpeechTask):
                 enc = self.model.encode(feats, lens)
                 prefix, prefix_lens = self.model.prompt(enc.audio, enc.audio_lens)
                 limits = [min(self.model.max_new_tokens(int(n)), 10 + int(15 * n / 100)) for n in lens.tolist()]
-            with torch.no_grad(), cpu_threads(1, feats.device):  # a decoder loop: see DecodeSettings.decoder_threads
-                out = beam_search(self.model.lm, prefix, prefix_lens, "mtp-beam", self.cfg.num_heads,
-                                  self.cfg.threshold, torch.tensor(limits), self.cfg.beam_size, self.cfg.nbest,
-                                  self.cfg.length_norm, lattice=self.cfg.mwer_source == "lattice")
+                with cpu_threads(1, feats.device):  # a decoder loop: see DecodeSettings.decoder_threads
+                    out = beam_search(self.model.lm, prefix, prefix_lens, "mtp-beam", self.cfg.num_heads,
+                                      self.cfg.threshold, torch.tensor(limits), self.cfg.beam_size, self.cfg.nbest,
+                                      self.cfg.length_norm, lattice=self.cfg.mwer_source == "lattice")
         finally:
             for m, training in modes.items():
                 m.train(training)
