@@ -192,15 +192,16 @@ class Attention(nn.Module):
             cache.k[layer][rows, :, slots] = k.transpose(1, 2).to(cache.k.dtype)
             cache.v[layer][rows, :, slots] = v.transpose(1, 2).to(cache.v.dtype)
             k, v = cache.k[layer][:, :, :span], cache.v[layer][:, :, :span]
-        if self.n_kv_heads != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         p = self.dropout if self.training else 0.0
+        # Grouped-query attention inside the kernel: copying the key/value heads (repeat_interleave) costs a copy of the
+        # cache span per layer and call (egs/synth/asr/RESULTS.md).
+        gqa = self.n_kv_heads != self.n_heads
         if cache is None:
             # Right-padded training batches need no padding mask: causal queries never see the padding after them.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=geometry.mask, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=geometry.mask, dropout_p=p,
+                                               enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
