@@ -1,5 +1,6 @@
 """Tiny models and a cache-free reference decoder shared by tests/test_model.py and tests/test_generate.py."""
 import math
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -182,3 +183,16 @@ def save_speech_checkpoint(path, model: SpeechLlama, tokenizer) -> None:
 
     save_checkpoint(path, {"kind": "speech_llama", "model_config": to_dict(model.cfg),
                            "tokenizer": tokenizer_tensor(tokenizer), "model": model.state_dict()})
+
+
+def speech_checkpoint(path, tokenizer_path, num_heads: int = 3, seed: Optional[int] = None) -> Path:
+    """A tiny Speech-LLaMA for 80-dim fbank and the sentencepiece model at `tokenizer_path`, saved at `path` as
+    `train` would. seed: random weights (`randomize_`) instead of the initial ones, under which every head agrees."""
+    from mtp_asr.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    model = tiny_speech_llama(num_heads=num_heads, vocab=tokenizer.vocab_size, feat_dim=80)
+    if seed is not None:
+        randomize_(model.lm, seed)
+    save_speech_checkpoint(path, model, tokenizer)
+    return Path(path)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from model_fixtures import (  # noqa: F401
     EOS, counting_firsts, counting_task, random_batch, random_prompts, single_thread, tiny_lm, tiny_speech_llama,
-    save_speech_checkpoint, trained_counting_lm,
+    speech_checkpoint, trained_counting_lm,
 )
 from mtp_asr.decode.beam import beam_search
 from mtp_asr.decode.generate import generate
@@ -291,10 +291,7 @@ def test_decode_and_benchmark_commands(tmp_path):
     from mtp_asr.data.tokenizer import Tokenizer
 
     corpus = make_corpus(tmp_path / "corpus", n_train=4, n_valid=5)
-    tokenizer = Tokenizer(corpus["tokenizer"])
-    model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80)
-    ckpt = tmp_path / "exp" / "epoch-1.pt"
-    save_speech_checkpoint(ckpt, model, tokenizer)
+    ckpt = speech_checkpoint(tmp_path / "exp" / "epoch-1.pt", corpus["tokenizer"])
     out = tmp_path / "out"
     args = ["decode", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]), "--method", "mtp-beam",
             "--beam-size", "3", "--nbest", "2", "--threshold", "0.2", "--threshold", "0.9", "--batch-size", "2",
@@ -313,7 +310,7 @@ def test_decode_and_benchmark_commands(tmp_path):
         for e in lines:
             assert 1 <= len(e["hyps"]) <= 2
             assert [h["norm_score"] for h in e["hyps"]] == sorted((h["norm_score"] for h in e["hyps"]), reverse=True)
-            assert e["hyps"][0]["text"] == tokenizer.decode(e["hyps"][0]["tokens"])
+            assert e["hyps"][0]["text"] == Tokenizer(corpus["tokenizer"]).decode(e["hyps"][0]["tokens"])
     assert list(out.glob("tradeoff-valid-epoch-1-mtp-beam-B3-bs2.png"))
 
     # beam-search options are refused for the other methods
@@ -352,13 +349,9 @@ def test_sweep_plot_reuses_a_fresh_greedy_summary(tmp_path, monkeypatch):
 
     import mtp_asr.decode.run as run
     from mtp_asr.cli import main
-    from mtp_asr.data.tokenizer import Tokenizer
 
     corpus = make_corpus(tmp_path / "corpus", n_train=4, n_valid=3)
-    tokenizer = Tokenizer(corpus["tokenizer"])
-    model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80)
-    ckpt = tmp_path / "exp" / "epoch-1.pt"
-    save_speech_checkpoint(ckpt, model, tokenizer)
+    ckpt = speech_checkpoint(tmp_path / "exp" / "epoch-1.pt", corpus["tokenizer"])
     decoded = []
     real = run.decode_cuts
     monkeypatch.setattr(run, "decode_cuts", lambda m, t, cuts, settings, *a, **k: (

@@ -10,12 +10,11 @@ from lhotse import load_manifest
 
 import mtp_asr.decode.runner as runner
 from mtp_asr.cli import main
-from mtp_asr.data.tokenizer import Tokenizer
 from mtp_asr.decode.runner import DecodeSettings, decode_cuts
 from mtp_asr.model.build import load_speech_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_fixtures import save_speech_checkpoint, tiny_speech_llama  # noqa: E402
+from model_fixtures import speech_checkpoint  # noqa: E402
 from train_fixtures import make_corpus  # noqa: E402
 
 
@@ -26,10 +25,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(corpus, tmp_path_factory):
-    tokenizer = Tokenizer(corpus["tokenizer"])
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_speech_checkpoint(path, tiny_speech_llama(num_heads=2, vocab=tokenizer.vocab_size, feat_dim=80), tokenizer)
-    return path
+    return speech_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", corpus["tokenizer"], num_heads=2)
 
 
 @pytest.mark.parametrize("method", ["greedy", "mtp-verify", "beam"])

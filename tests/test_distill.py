@@ -20,7 +20,7 @@ from mtp_asr.train.run import train_speech
 from mtp_asr.train.trainer import freeze_parts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_fixtures import randomize_, save_speech_checkpoint, tiny_speech_llama  # noqa: E402
+from model_fixtures import randomize_, speech_checkpoint, tiny_speech_llama  # noqa: E402
 from train_fixtures import make_corpus, tiny_train_config  # noqa: E402
 
 
@@ -95,10 +95,7 @@ def test_soft_targets_are_head_1_where_it_chose_each_greedy_token(corpus):
 
 
 def test_one_head_model_is_refused(corpus, tmp_path):
-    tokenizer = Tokenizer(corpus["tokenizer"])
-    model = tiny_speech_llama(num_heads=1, vocab=tokenizer.vocab_size, feat_dim=80)
-    ckpt = tmp_path / "one-head.pt"
-    save_speech_checkpoint(ckpt, model, tokenizer)
+    ckpt = speech_checkpoint(tmp_path / "one-head.pt", corpus["tokenizer"], num_heads=1)
     out = tmp_path / "out.pt"
     result = CliRunner().invoke(main, ["distill-heads", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]),
                                        "--out", str(out), "--device", "cpu"])
@@ -111,15 +108,12 @@ def test_too_short_transcripts_leave_the_heads_unchanged(corpus, tmp_path, monke
     (a recipe goes on)."""
     import mtp_asr.train.distill as distill
 
-    tokenizer = Tokenizer(corpus["tokenizer"])
-    model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80)
-    ckpt, out = tmp_path / "model.pt", tmp_path / "out.pt"
-    save_speech_checkpoint(ckpt, model, tokenizer)
+    ckpt, out = speech_checkpoint(tmp_path / "model.pt", corpus["tokenizer"]), tmp_path / "out.pt"
     monkeypatch.setattr(distill, "self_labels", lambda m, t, cuts, bs: {c.id: ([5], True) for c in cuts})
     report = distill.distill_heads(ckpt, [corpus["valid"]], out, distill.DistillSettings(steps=5))
     assert report["steps"] == 0 and "nothing to learn" in caplog.text
     saved = load_checkpoint(out)["model"]
-    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, saved[k]) for k, v in load_checkpoint(ckpt)["model"].items())
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from lhotse import load_manifest
 
 from mtp_asr.cli import main
-from mtp_asr.data.tokenizer import Tokenizer
 from mtp_asr.decode.runner import DecodeSettings, decode_cuts
 from mtp_asr.decode.tree_fit import rank_counts, tokens_per_call
 from mtp_asr.decode.tree_spec import parse_tree, product_paths
@@ -18,7 +17,7 @@ from mtp_asr.model.lm import IGNORE
 from mtp_asr.train.distill import agreement, cache_trunk
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_fixtures import randomize_, save_speech_checkpoint, tiny_speech_llama  # noqa: E402
+from model_fixtures import randomize_, speech_checkpoint, tiny_speech_llama  # noqa: E402
 from train_fixtures import make_corpus  # noqa: E402
 
 
@@ -29,13 +28,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(corpus, tmp_path_factory):
-    tokenizer = Tokenizer(corpus["tokenizer"])
-    model = tiny_speech_llama(num_heads=3, vocab=tokenizer.vocab_size, feat_dim=80).eval()
-    with torch.no_grad():
-        randomize_(model.lm, seed=3)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_speech_checkpoint(path, model, tokenizer)
-    return path
+    return speech_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", corpus["tokenizer"], seed=3)
 
 
 def test_rank_counts_agree_with_head_agreement_and_direct_ranks(corpus):
@@ -97,10 +90,7 @@ def test_draft_tree_errors(corpus, checkpoint, tmp_path):
     bad = CliRunner().invoke(main, ["decode", "--checkpoint", str(checkpoint), "--cuts", str(corpus["valid"]),
                                     "--method", "mtp-verify", "--draft-tree", "0;1.0", "--out-dir", str(tmp_path)])
     assert bad.exit_code != 0 and "--draft-tree" in bad.output and "lacks its parent 1" in bad.output
-    tokenizer = Tokenizer(corpus["tokenizer"])
-    one_head = tmp_path / "one-head.pt"
-    save_speech_checkpoint(one_head, tiny_speech_llama(num_heads=1, vocab=tokenizer.vocab_size, feat_dim=80),
-                           tokenizer)
+    one_head = speech_checkpoint(tmp_path / "one-head.pt", corpus["tokenizer"], num_heads=1)
     result = CliRunner().invoke(main, ["draft-tree", "--checkpoint", str(one_head), "--cuts", str(corpus["valid"]),
                                        "--device", "cpu"])
     assert result.exit_code != 0 and "one head" in result.output and str(one_head) in result.output
