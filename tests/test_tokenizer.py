@@ -1,4 +1,6 @@
 """Sentencepiece: training from cut manifests, LLaMA-style special ids, round trips, determinism, foreign models."""
+import gzip
+
 import pytest
 import sentencepiece as spm
 import torch
@@ -131,3 +133,18 @@ def test_cli_train_bpe_with_extra_text(cuts_path, tmp_path):
     extra.write_bytes(b"caf\xe9\n")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and f"{extra}:1: byte 3 is not UTF-8" in result.output
+
+
+def test_manifest_texts_names_a_file_that_is_not_a_cut_manifest(tmp_path):
+    empty = tmp_path / "empty.jsonl.gz"
+    gzip.open(empty, "wt").close()
+    assert list(manifest_texts([empty])) == []
+    wrong = tmp_path / "texts.txt"
+    wrong.write_text("HELLO\n")
+    with pytest.raises(ValueError, match=f"cut manifest {wrong}: expected JSON lines"):
+        list(manifest_texts([wrong]))
+    recordings = tmp_path / "recordings.jsonl"
+    recordings.write_text('{"id": "r1", "sources": [], "sampling_rate": 16000, "num_samples": 16000, '
+                          '"duration": 1.0}\n')
+    with pytest.raises(ValueError, match=f"{recordings}:1: not a Lhotse cut manifest"):
+        list(manifest_texts([recordings]))

@@ -52,6 +52,7 @@ def test_bad_values_are_named(corpus):
                                 ("ctc_weight", -1.0, "ctc_weight must be >= 0"),
                                 ("data.max_duration", -5.0, "max_duration"),
                                 ("freeze", ["trunk"], "unknown part"),
+                                ("num_epochs", 0, "num_epochs must be >= 1"),  # max_steps only caps them
                                 ("optim.lr", "fast", r"optim\.lr must be of type float")]:
         with pytest.raises(ConfigError, match=pattern):
             from_dict(SpeechTrainConfig, apply_overrides(tiny_train_config(corpus), [f"{key}={value}"]))
@@ -89,6 +90,35 @@ def test_lm_then_speech_training_with_init(corpus, tmp_path):
     asr_state = params(tmp_path / "asr" / "epoch-1.pt")
     for k, v in lm_state.items():
         assert torch.allclose(asr_state[f"lm.{k}"], v, atol=1e-6), k
+
+
+def test_lm_text_longer_than_the_decoder_is_left_out_with_a_warning(corpus, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text(corpus["text"].read_text() + " ".join(["RED GREEN BLUE"] * 40) + "\n")
+    lm_cfg = {"decoder": {"dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
+              "heads": {"num_heads": 2, "kind": "latent"},
+              "data": {"train_text": [str(long)], "tokenizer": str(corpus["tokenizer"]), "max_tokens": 64},
+              "optim": {"lr": 3e-3, "warmup_steps": 2}, "num_epochs": 1}
+    assert train_lm(lm_cfg, tmp_path / "lm") == 0
+    log = (tmp_path / "lm" / "log" / "log-pretrain-lm-rank0.txt").read_text()
+    assert f"training text file {long}: skipping 1 of" in log and "longer than 63 tokens" in log
+
+
+def test_model_info_of_the_demo_config():
+    """The demo's config sets audio_position_rate: auto, which only `train` can measure; the counts need no rate."""
+    from click.testing import CliRunner
+
+    from mtp_asr.cli import main
+    from mtp_asr.model.heads import extra_head_params
+
+    conf = Path(__file__).parents[1] / "egs" / "synth" / "asr" / "conf"
+    result = CliRunner().invoke(main, ["model-info", "-c", str(conf / "train.yaml"), "--decoder-config",
+                                       str(conf / "lm.yaml"), "--vocab-size", "30"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("|")[1].strip(): line for line in result.output.splitlines()[2:]}
+    assert set(rows) == {"linear", "latent", "medusa", "layer"}
+    latent_heads = float(rows["latent"].split("|")[6].strip().rstrip("M"))
+    assert latent_heads == round(extra_head_params("latent", 4, 192, 30) / 1e6, 2)
 
 
 def test_heads_only_training_leaves_the_rest_untouched(corpus, tmp_path):
@@ -190,6 +220,41 @@ def test_nonfinite_losses_are_skipped_saved_and_bounded(corpus, tmp_path, monkey
 def _nan(out):
     out.loss = out.loss * float("nan")
     return out
+
+
+def test_a_nonfinite_batch_keeps_the_gradients_accumulated_before_it(corpus, tmp_path, monkeypatch):
+    """accum_grad 2 with batch 2 non-finite: the first step's gradient is the mean of batches 1 and 3. A learning
+    rate far below float32's resolution keeps the parameters fixed, so every batch's gradient is taken at one point
+    and the accum_grad 1 run gives them one by one."""
+    from mtp_asr.train import tasks
+    from mtp_asr.train.trainer import Trainer
+
+    real_loss, real_step = tasks.SpeechTask.loss, Trainer._optimizer_step
+    grads, calls = [], {"n": 0, "nan_at": 0}
+
+    def record(self):
+        grads.append([None if p.grad is None else p.grad.clone() for p in self.model.parameters()])
+        return real_step(self)
+
+    def loss(self, model, batch):
+        out = real_loss(self, model, batch)
+        calls["n"] += 1
+        return _nan(out) if model.training and calls["n"] == calls["nan_at"] else out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", record)
+    monkeypatch.setattr(tasks.SpeechTask, "loss", loss)
+    base = {"num_epochs": 1, "optim.lr": 1e-30, "optim.grad_clip": 0.0, "spec_augment.enabled": False}
+    assert train_speech(tiny_train_config(corpus, max_steps=3, **base), tmp_path / "one") == 0
+    g1, _, g3 = grads
+    grads.clear()
+    calls.update(n=0, nan_at=2)
+    assert train_speech(tiny_train_config(corpus, max_steps=1, **{"optim.accum_grad": 2}, **base),
+                        tmp_path / "two") == 0
+    (step,) = grads
+    assert any(g is not None for g in step)
+    for got, a, b in zip(step, g1, g3):
+        if got is not None:
+            assert torch.allclose(got, (a + b) / 2, atol=1e-6)
 
 
 def test_out_of_memory_batch_is_skipped_and_logged(corpus, tmp_path, monkeypatch):

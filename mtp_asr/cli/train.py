@@ -163,4 +163,6 @@ def model_info_cmd(config_path, overrides, vocab_size, decoder_config):
         decoder.update(load_yaml(decoder_config).get("decoder", {}))
     if vocab_size:
         decoder["vocab_size"] = vocab_size
+    if model.get("audio_position_rate") == "auto":  # measured on the training cuts by `train`; no parameters
+        model["audio_position_rate"] = 0.0
     click.echo(markdown(parameter_table(model)))

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
 
 import sentencepiece as spm
-from lhotse import load_manifest_lazy
 
 from mtp_asr.text import normalize_text
 from mtp_asr.utils import atomic_path, atomic_write_text, logger
@@ -123,9 +122,11 @@ def train_bpe(texts: Iterable[str], out_dir, vocab_size: int, model_type: str = 
 
 
 def manifest_texts(manifests: Iterable) -> Iterator[str]:
-    """The supervision texts of cut manifests, in order."""
+    """The supervision texts of cut manifests, in order. A file that is not a cut manifest fails with its name."""
+    from mtp_asr.data.dataset import read_cuts  # the dataset module imports this one
+
     for path in manifests:
-        for cut in load_manifest_lazy(path):
+        for cut in read_cuts(path, lazy=True):
             for supervision in cut.supervisions:
                 if supervision.text:
                     yield supervision.text

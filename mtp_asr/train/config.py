@@ -40,7 +40,7 @@ class LoopConfig:
     num_epochs: int = 10
     max_steps: int = 0  # optimizer steps; 0: no limit beyond num_epochs
     seed: int = 42
-    log_interval: int = 20  # batches between progress lines and TensorBoard points
+    log_interval: int = 20  # optimizer steps between progress lines and TensorBoard points
     save_every_n: int = 0  # optimizer steps between checkpoint-<step>.pt files; 0: only epoch-<n>.pt
     keep_last_k: int = 3  # checkpoint-<step>.pt files kept (epoch files are all kept for averaging)
     amp: bool = True  # bf16 autocast when training on a GPU
@@ -53,8 +53,9 @@ class LoopConfig:
         bad = [f for f in self.freeze if f not in FREEZABLE]
         if bad:
             raise ConfigError(f"freeze: unknown part(s) {bad}; choose from {', '.join(FREEZABLE)}")
-        if self.num_epochs < 1 and self.max_steps < 1:
-            raise ConfigError("num_epochs or max_steps must be >= 1")
+        if self.num_epochs < 1 or self.max_steps < 0:
+            raise ConfigError(f"num_epochs must be >= 1 and max_steps >= 0 (max_steps caps the epochs' steps; got "
+                              f"num_epochs {self.num_epochs}, max_steps {self.max_steps})")
         if self.log_interval < 1:
             raise ConfigError(f"log_interval must be >= 1 (got {self.log_interval})")
 

@@ -96,7 +96,9 @@ class SpeechTask(Task):
         return info
 
 
-def read_sentences(paths: Sequence[str], tokenizer: Tokenizer, what: str) -> list:
+def read_sentences(paths: Sequence[str], tokenizer: Tokenizer, what: str, max_tokens: int) -> list:
+    """Token ids of every non-empty sentence of `paths`; those longer than `max_tokens` (the decoder's positions
+    less [BOS]) are left out with a warning."""
     if not paths:
         raise ValueError(f"no {what} text files given")
     out = []
@@ -105,7 +107,13 @@ def read_sentences(paths: Sequence[str], tokenizer: Tokenizer, what: str) -> lis
             raise FileNotFoundError(f"{what} text file {p} does not exist")
         # A cut manifest contributes its transcripts; any other file holds one sentence per line.
         lines = manifest_texts([p]) if str(p).endswith((".jsonl", ".jsonl.gz")) else text_file_lines(p)
-        out += [ids for ids in tokenizer.encode_batch(list(lines)) if ids]
+        ids = [x for x in tokenizer.encode_batch(list(lines)) if x]
+        long = [len(x) for x in ids if len(x) > max_tokens]
+        if long:
+            logger.warning("%s text file %s: skipping %d of %d sentences longer than %d tokens (the decoder's "
+                           "max_seq_len less [BOS]; the longest has %d)", what, p, len(long), len(ids), max_tokens,
+                           max(long))
+        out += [x for x in ids if len(x) <= max_tokens]
     if not out:
         raise ValueError(f"the {what} text files {list(paths)} hold no sentences")
     return out
@@ -117,8 +125,9 @@ class TextTask(Task):
     def __init__(self, model: MTPLanguageModel, cfg: LMTrainConfig, tokenizer: Tokenizer):
         super().__init__(model)
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.train = read_sentences(cfg.data.train_text, tokenizer, "training")
-        self.valid = read_sentences(cfg.data.valid_text, tokenizer, "validation") if cfg.data.valid_text else []
+        limit = cfg.decoder.max_seq_len - 1
+        self.train = read_sentences(cfg.data.train_text, tokenizer, "training", limit)
+        self.valid = read_sentences(cfg.data.valid_text, tokenizer, "validation", limit) if cfg.data.valid_text else []
         logger.info("text: %d training sentences (%d tokens), %d validation sentences", len(self.train),
                     sum(map(len, self.train)), len(self.valid))
 

@@ -279,6 +279,8 @@ class Trainer:
                 used_batches += 1
                 out = self._forward_backward(batch, accumulated)
                 if out is None:
+                    if not any(p.grad is not None for p in self.optimizer.param_groups[0]["params"]):
+                        accumulated = 0  # an OOM discarded the gradients of the group so far
                     bad_in_row += 1
                     if bad_in_row > cfg.max_bad_batches:
                         raise TrainingError(
@@ -341,14 +343,15 @@ class Trainer:
         logger.info("parameter fingerprint on rank %d: %.10e %.10e", self.dist.rank, *fp.tolist())
 
     def _forward_backward(self, batch, accumulated: int):
-        """Loss and gradients of one batch; None (and nothing learnt) for a non-finite loss or an OOM."""
+        """Loss and gradients of one batch; None (and nothing learnt) for a non-finite loss, which leaves the
+        gradients of the accumulation group so far as they are, or an OOM, which discards them (a backward pass may
+        have added part of its gradients)."""
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.task.loss(self.ddp, batch)
             (n_bad,) = self._agree(0.0 if torch.isfinite(out.loss).item() else 1.0)
             if n_bad:
                 self._save_bad_batch(batch, out)
-                self.optimizer.zero_grad(set_to_none=True)
                 return None
             (out.loss / self.cfg.optim.accum_grad).backward()
             return out
