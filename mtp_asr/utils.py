@@ -2,12 +2,13 @@
 import contextlib
 import logging
 import os
+import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Optional
 
-T = TypeVar("T")
 logger = logging.getLogger("mtp_asr")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -27,8 +28,10 @@ def setup_logging(level: int = logging.INFO, log_file: Optional[Path] = None) ->
 def atomic_path(path, suffix: str = ""):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on error it is removed.
 
-    Readers therefore see either the old file or the complete new one, never a half-written file.
-    The temporary name keeps the file's suffixes (e.g. .jsonl.gz) because some writers choose a format by them.
+    Readers therefore see either the old file or the complete new one, never a half-written file, and the data
+    reaches the disk before the rename does (fsync), so a machine that crashes just after it cannot leave an empty
+    file under the final name. The temporary name keeps the file's suffixes (e.g. .jsonl.gz) because some writers
+    choose a format by them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,11 +41,64 @@ def atomic_path(path, suffix: str = ""):
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should be as readable as any other file
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the rename is still atomic there
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path, marker: str):
+    """Yield a new empty directory beside `path`; on success it takes `path`'s place as a whole, on error it is
+    removed: a directory of files that belong together (a model export) is never half old, half new. Its files get
+    the permissions the umask allows (safetensors and mkstemp make private ones) and are synced before the swap.
+    An existing `path` is replaced only when it is empty or holds `marker` (an earlier output of the same kind)."""
+    path = Path(path)
+    if path.exists() and not (path / marker).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path}: exists and is not a model export (no {marker}); refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkdtemp: its directories are private (0700).
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~_UMASK)
+            _fsync(f)
+        _replace_dir(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` at `target`; an old `target` is moved aside first and deleted only afterwards."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -77,21 +133,29 @@ class Progress:
         logger.info("%s done: %s in %s", self.desc, self.status(extra), format_seconds(time.monotonic() - self.start))
 
 
-def progress(items: Iterable[T], desc: str, total: Optional[int] = None, every: float = 10.0) -> Iterator[T]:
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    bar = Progress(desc, total, every=every)
-    for item in items:
-        yield item
-        bar.update()
-    bar.close()
-
-
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def pick_device(name: str = "auto", option: str = "--device"):
+    """The torch device for `auto` (a GPU when there is one), `cpu`, `cuda` or `cuda:N`; anything else, or a GPU
+    that is not there, is a ValueError naming `option`."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} must be auto, cpu, cuda or cuda:N (got {name!r})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} {name}: no GPU is available on this machine")
+    return device
 
 
 @contextlib.contextmanager

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mtp_asr.decode.beam import beam_search
-from mtp_asr.train.mwer import mwer_loss, word_errors
+from mtp_asr.model.speech_llama import fits_decoder
+from mtp_asr.train.mwer import _searchable, mwer_loss, word_errors
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_fixtures import random_prompts, tiny_lm  # noqa: E402
+from model_fixtures import random_prompts, tiny_lm, tiny_speech_llama  # noqa: E402
 from train_fixtures import make_corpus, tiny_train_config  # noqa: E402
 
 
@@ -133,3 +134,13 @@ def test_ce_head_weights_keep_heads_off_the_references(tmp_path):
     with pytest.raises(ConfigError, match="ce_head_weights has 3 values for a model with 2 heads"):
         train_mwer({**base, "ce_head_weights": [1.0, 0.0, 0.0]}, tmp_path / "wrong", init)
     assert not (tmp_path / "wrong" / "epoch-1.pt").exists()
+
+
+def test_mwer_trains_only_on_cuts_its_search_can_decode():
+    """A cut whose prompt leaves the decoder room for its transcript but not for the search's drafts is left out:
+    beam search would refuse a limit below one token and stop the run."""
+    model = tiny_speech_llama(num_heads=3, feat_dim=80)
+    frames = [n for n in range(40, 20000, 4) if fits_decoder(n, 1, model.cfg) and model.max_new_tokens(n) < 1]
+    assert frames, "no prompt length between the two limits"
+    assert not _searchable(frames[0], 1, model)
+    assert _searchable(40, 1, model)

@@ -175,6 +175,26 @@ def test_audio_too_long_for_the_decoder_at_training_time(corpus, tmp_path):
     assert "skipping cut long-0000: 2.5 s of audio and 20 tokens do not fit" in train_log(exp)
 
 
+def test_transcribe_names_audio_too_short_or_too_long(trained, audio_writer, tmp_path):
+    for seconds, message in [(0.03, "s of audio is too short to transcribe"),
+                             (25.0, "s of audio is too long for this model's decoder (max_seq_len 256")]:
+        audio = tmp_path / f"{seconds}s.wav"
+        audio_writer(audio, seconds)
+        result = CliRunner().invoke(main, ["transcribe", "--checkpoint", str(trained), "--device", "cpu", str(audio)])
+        assert result.exit_code == 1 and f"{audio}: " in result.output and message in result.output, result.output
+
+
+def test_unknown_or_missing_device_is_named(trained, corpus, tmp_path):
+    result = decode(trained, corpus["valid"], tmp_path / "out", "--device", "gpu")
+    assert result.exit_code == 1 and "--device must be auto, cpu, cuda or cuda:N (got 'gpu')" in result.output
+    if not torch.cuda.is_available():
+        result = decode(trained, corpus["valid"], tmp_path / "out", "--device", "cuda")
+        assert result.exit_code == 1 and "--device cuda: no GPU is available" in result.output
+    assert not list(tmp_path.rglob("recogs-*"))
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+        train_speech(tiny_train_config(corpus, device="tpu"), tmp_path / "exp")
+
+
 # ---- invalid option values on the command line ---------------------------------------------------------------------
 USAGE_ERRORS = {
     "K < 1": (["decode", "--method", "mtp-verify", "-K", "0"], "'--num-heads' / '-K': 0 is not in the range x>=1"),

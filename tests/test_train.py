@@ -289,6 +289,18 @@ def test_export_safetensors_and_hf_decoder(corpus, tmp_path):
     tensors = load_file(str(tmp_path / "st" / "model.safetensors"))
     assert same_params(tensors, params(tmp_path / "exp" / "epoch-1.pt"))
     assert (tmp_path / "st" / "tokenizer.model").stat().st_size > 0
+    # A new export replaces the old one as a whole (nothing stale stays beside it); a folder that is not an export
+    # is never replaced.
+    (tmp_path / "st" / "ctc_tokenizer.model").write_bytes(b"from an older export")
+    export_checkpoint(tmp_path / "exp" / "epoch-1.pt", tmp_path / "st", "safetensors")
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["config.json", "model.safetensors",
+                                                                    "tokenizer.model"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="notes: exists and is not a model export"):
+        export_checkpoint(tmp_path / "exp" / "epoch-1.pt", tmp_path / "notes", "safetensors")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     export_checkpoint(tmp_path / "exp" / "epoch-1.pt", tmp_path / "hf", "hf-decoder")
     decoder = load_hf_decoder(tmp_path / "hf")
     state = params(tmp_path / "exp" / "epoch-1.pt")

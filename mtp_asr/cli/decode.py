@@ -183,8 +183,9 @@ def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, ma
     and second tokens, and head 3's best after head 2's best). Logs the estimated tokens per verification call of
     this tree, of other sizes and of product trees (see mtp_asr/decode/tree_fit.py).
     """
-    from mtp_asr.decode.run import pick_device, resolve_checkpoint
+    from mtp_asr.decode.run import resolve_checkpoint
     from mtp_asr.decode.tree_fit import fit_tree
+    from mtp_asr.utils import pick_device
 
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     spec, _ = fit_tree(path, manifests, nodes, batch_size, max_cuts, avg=n_avg, device=pick_device(device))

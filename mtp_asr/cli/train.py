@@ -124,8 +124,8 @@ def distill_heads_cmd(checkpoint, manifests, out, steps, lr, batch_size, max_cut
     mtp-verify and ctc-verify transcripts do not change; verification accepts more drafts. Logs how often each head
     agrees with greedy decoding on held-out batches, before and after.
     """
-    from mtp_asr.decode.run import pick_device
     from mtp_asr.train.distill import DistillSettings, distill_heads
+    from mtp_asr.utils import pick_device
 
     settings = DistillSettings(steps, lr, batch_size, max_cuts, soft_targets=soft_targets)
     distill_heads(checkpoint, manifests, out, settings, pick_device(device))

@@ -75,9 +75,10 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     if method == "mtp-threshold" and threshold < 0:
         raise ValueError(f"threshold must be >= 0 (got {threshold})")
     B, device = prefix.shape[0], prefix.device
-    limits = torch.as_tensor(max_new_tokens, device=device).expand(B).clone()
-    if int(limits.min()) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 for every row (got {limits.tolist()})")
+    # On the host: the emit loop compares them per token, which on a GPU would be a synchronisation each.
+    limits = torch.as_tensor(max_new_tokens).expand(B).tolist()
+    if min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 for every row (got {limits})")
     if method == "ctc-verify" and (drafts is None or len(drafts) != B or max_draft < 1):
         raise ValueError("ctc-verify needs one draft sequence per row and max_draft >= 1")
     verify = method in ("mtp-verify", "ctc-verify")
@@ -89,7 +90,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     aligners = [DraftAligner(d) for d in draft_sequences(drafts, lm.eos_id)] if method == "ctc-verify" else None
 
     lookahead = (max_draft if aligners else 0) + len(rank_paths) + K
-    cache = lm.new_cache(B, int(prefix_lens.max()) + int(limits.max()) + 2 * lookahead + 1, prefix_lens,
+    cache = lm.new_cache(B, int(prefix_lens.max()) + max(limits) + 2 * lookahead + 1, prefix_lens,
                          dtype=prefix.dtype)
     rows = torch.arange(B, device=device)  # original row index of each live row
     out = [[] for _ in range(B)]
@@ -101,7 +102,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
 
     # The first call is the prefill: the prompts are "pending", followed by external drafts if there are any.
     # Drafts never reach past a row's length limit: they could not be emitted, and their positions might not exist.
-    first = ([a.continuation(min(max_draft, int(n))) for a, n in zip(aligners, limits)] if aligners
+    first = ([a.continuation(min(max_draft, n)) for a, n in zip(aligners, limits)] if aligners
              else [[] for _ in range(B)])
     block, _ = lm.append_tokens(prefix, prefix_lens, first)
     n_pending = prefix_lens.clone()
@@ -178,7 +179,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
             paths = []
             if aligners:
                 aligners[r].advance(new)
-                external = aligners[r].continuation(min(max_draft, int(limits[r]) - len(out[r])))
+                external = aligners[r].continuation(min(max_draft, limits[r] - len(out[r])))
                 paths.append((external, [0] * len(external)))
             if verify and extra_l:
                 paths += head_paths(extra_l[i], rank_paths)

@@ -14,15 +14,9 @@ from mtp_asr.decode.report import write_results, write_sweep_plot
 from mtp_asr.decode.runner import DecodeSettings, decode_batch, decode_cuts
 from mtp_asr.model.build import load_speech_model
 from mtp_asr.score import compute_error_stats
-from mtp_asr.utils import atomic_write_text
+from mtp_asr.utils import atomic_write_text, pick_device
 
 logger = logging.getLogger("mtp_asr")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def device_name(device: torch.device) -> str:
@@ -202,7 +196,13 @@ def transcribe_files(checkpoint: Path, avg: int, files: Sequence[Path], settings
     for f in files:
         samples = load_audio(f)
         feats = torch.from_numpy(extractor.extract(samples, 16000)).float()
+        seconds = len(samples) / 16000
+        if feats.shape[0] < 7:  # the encoder's subsampling needs 7 frames
+            raise ValueError(f"{f}: {seconds:.3f} s of audio is too short to transcribe (70 ms at least)")
+        if model.max_new_tokens(feats.shape[0]) < 1:
+            raise ValueError(f"{f}: {seconds:.1f} s of audio is too long for this model's decoder (max_seq_len "
+                             f"{model.cfg.decoder.max_seq_len} positions); cut it into shorter pieces")
         x, lens = pad_features([feats])
-        gen, _, _ = decode_batch(model, x, lens, [len(samples) / 16000], settings, tokenizer)
+        gen, _, _ = decode_batch(model, x, lens, [seconds], settings, tokenizer)
         out.append((str(f), tokenizer.decode(gen.hyps[0].tokens)))
     return out

@@ -161,13 +161,19 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
                             model.ctc_tokenizer, tokenizer)
     _sync(device)
     t1 = time.perf_counter()
-    room = [model.max_new_tokens(int(n)) for n in feat_lens.tolist()]
-    limits = torch.tensor([min(int(10 + settings.max_tokens_per_second * d), r) for d, r in zip(durations, room)],
+    limits = torch.tensor(length_limits(model, feat_lens.tolist(), durations, settings.max_tokens_per_second),
                           device=device)
     with cpu_threads(settings.decoder_threads, device):
         out = _search(model, prefix, prefix_lens, settings, limits, drafts)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
+
+
+def length_limits(model: SpeechLlama, feat_lens: Sequence[int], durations: Sequence[float],
+                  tokens_per_second: float = DecodeSettings.max_tokens_per_second) -> list:
+    """Tokens each utterance may emit (EOS excluded): 10 + tokens_per_second x its seconds, within the decoder's room
+    after its prompt (`SpeechLlama.max_new_tokens`). Decoding and MWER's N-best search both use it."""
+    return [min(int(10 + tokens_per_second * d), model.max_new_tokens(int(n))) for n, d in zip(feat_lens, durations)]
 
 
 def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts):

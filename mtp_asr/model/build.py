@@ -12,8 +12,6 @@ from torch import nn
 
 from mtp_asr.config import from_dict, to_dict
 from mtp_asr.data.tokenizer import Tokenizer
-from mtp_asr.model.heads import HeadsConfig
-from mtp_asr.model.llama import LlamaConfig
 from mtp_asr.model.lm import MTPLanguageModel
 from mtp_asr.model.speech_llama import ModelConfig, SpeechLlama
 from mtp_asr.train.checkpoint import CheckpointError, average_state_dicts, epoch_files, load_checkpoint
@@ -76,11 +74,6 @@ def speech_model_from_config(model_cfg: dict) -> SpeechLlama:
     return SpeechLlama(from_dict(ModelConfig, model_cfg, "model"))
 
 
-def lm_from_config(lm_cfg: dict) -> MTPLanguageModel:
-    return MTPLanguageModel(from_dict(LlamaConfig, lm_cfg["decoder"], "decoder"),
-                            from_dict(HeadsConfig, lm_cfg["heads"], "heads"), lm_cfg["bos_id"], lm_cfg["eos_id"])
-
-
 def lm_config_dict(lm: MTPLanguageModel) -> dict:
     return {"decoder": to_dict(lm.decoder.cfg), "heads": to_dict(lm.heads.cfg), "bos_id": lm.bos_id,
             "eos_id": lm.eos_id}
@@ -114,16 +107,6 @@ def averaged_paths(path: Path, avg: int) -> list:
         raise CheckpointError(f"cannot average {avg} epochs ending at {last}: missing epoch(s) {missing or wanted[0]}"
                               f" in {path.parent}")
     return [files[e] for e in wanted]
-
-
-def load_lm(path, device="cpu") -> tuple[MTPLanguageModel, Tokenizer, dict]:
-    path = Path(path)
-    ckpt = load_checkpoint(path, mmap=True)
-    if ckpt.get("kind") != "lm":
-        raise CheckpointError(f"{path} is not a language-model checkpoint from pretrain-lm (kind: {ckpt.get('kind')!r})")
-    lm = lm_from_config(ckpt["lm_config"])
-    load_weights(lm, ckpt["model"], path)
-    return lm.to(device).eval(), tokenizer_from_checkpoint(ckpt, path), ckpt
 
 
 def decoder_source_config(source) -> tuple[dict, Optional[Tokenizer]]:

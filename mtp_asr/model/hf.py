@@ -8,10 +8,7 @@ other activations) is refused when the config is read, naming the file and the k
 silently computes something else.
 """
 import json
-import os
-import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mtp_asr.model.llama import LlamaConfig, LlamaDecoder, Rotary
-from mtp_asr.utils import Progress
+from mtp_asr.utils import Progress, atomic_dir
 
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -267,8 +264,6 @@ def save_hf_decoder(decoder: LlamaDecoder, out_dir, tokenizer_model=None, max_sh
     out_dir = Path(out_dir)
     if tokenizer_model is not None and not Path(tokenizer_model).is_file():
         raise FileNotFoundError(f"tokenizer model {tokenizer_model}: no such file")
-    if out_dir.exists() and not (out_dir / CONFIG).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"{out_dir}: exists and is not a model export (no {CONFIG}); refusing to replace it")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive (got {max_shard_bytes})")
 
@@ -280,12 +275,7 @@ def save_hf_decoder(decoder: LlamaDecoder, out_dir, tokenizer_model=None, max_sh
         tensors[_hf_name(name)] = t.detach()
     dtype = decoder.embed_tokens.weight.dtype
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkdtemp: its directories are private (0700), and an export should be as readable as any other output.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    file_mode = tmp.stat().st_mode & 0o666  # what the umask allows; safetensors itself writes 0600 files
-    try:
+    with atomic_dir(out_dir, CONFIG) as tmp:
         shards = _shards(tensors, max_shard_bytes)
         bar = Progress(f"writing {out_dir}", total=len(tensors), unit="tensors")
         weight_map = {}
@@ -304,27 +294,6 @@ def save_hf_decoder(decoder: LlamaDecoder, out_dir, tokenizer_model=None, max_sh
             shutil.copyfile(tokenizer_model, tmp / TOKENIZER)
         (tmp / CONFIG).write_text(json.dumps(hf_config_dict(cfg, dtype, bos_id, eos_id), indent=2) + "\n",
                                   encoding="utf-8")
-        for path in tmp.iterdir():
-            path.chmod(file_mode)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put directory `new` at `target`; an old `target` is moved aside first and deleted only afterwards."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / target.name, target)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 

@@ -12,6 +12,7 @@ expected-risk gradient unchanged and lowers its variance (Prabhavalkar et al. 20
 tokens per decoder call, the N-best lists cost a fraction of an ordinary beam search's calls, which is what makes
 on-the-fly MWER affordable.
 """
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -22,7 +23,9 @@ import torch
 from mtp_asr.config import ConfigError
 from mtp_asr.decode.beam import beam_search
 from mtp_asr.decode.lattice import MWER_SOURCES, get_backend, mwer_paths
+from mtp_asr.decode.runner import length_limits
 from mtp_asr.model.lm import LossOutput
+from mtp_asr.model.speech_llama import SpeechLlama, fits_decoder
 from mtp_asr.text import normalize_text
 from mtp_asr.train.config import SpeechTrainConfig
 from mtp_asr.train.tasks import SpeechTask
@@ -71,17 +74,23 @@ def mwer_loss(scores: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
     return (posteriors * (errors - errors.mean())).sum()
 
 
+def _searchable(num_frames: int, num_tokens: int, model: SpeechLlama) -> bool:
+    """Whether a training cut fits the decoder (as in `train`) and leaves the search room for a token."""
+    return fits_decoder(num_frames, num_tokens, model.cfg) and model.max_new_tokens(num_frames) >= 1
+
+
 class MWERTask(SpeechTask):
     """SpeechTask whose loss is MWER on on-the-fly N-best lists plus lambda x the usual cross-entropy."""
 
     def __init__(self, model, cfg: MWERConfig, tokenizer):
         super().__init__(model, cfg, tokenizer)
+        self.dataset.fits = functools.partial(_searchable, model=model)
         self.backend = get_backend(cfg.lattice_backend) if cfg.mwer_source == "lattice" else None
         weights = cfg.ce_head_weights
         if weights is not None and len(weights) != model.num_heads:
             raise ConfigError(f"ce_head_weights has {len(weights)} values for a model with {model.num_heads} heads")
 
-    def search(self, feats, lens) -> tuple[list, list, list]:
+    def search(self, feats, lens, durations) -> tuple[list, list, list]:
         """Hypotheses to re-score per utterance (N-best, or paths sampled from the search's lattice), decoder calls
         per utterance, and the best hypotheses; with the model as it decodes (eval mode, no gradient)."""
         modes = {m: m.training for m in self.model.modules()}
@@ -90,7 +99,7 @@ class MWERTask(SpeechTask):
             with torch.no_grad():
                 enc = self.model.encode(feats, lens)
                 prefix, prefix_lens = self.model.prompt(enc.audio, enc.audio_lens)
-                limits = [min(self.model.max_new_tokens(int(n)), 10 + int(15 * n / 100)) for n in lens.tolist()]
+                limits = length_limits(self.model, lens.tolist(), durations)
                 with cpu_threads(1, feats.device):  # a decoder loop: see DecodeSettings.decoder_threads
                     out = beam_search(self.model.lm, prefix, prefix_lens, "mtp-beam", self.cfg.num_heads,
                                       self.cfg.threshold, torch.tensor(limits), self.cfg.beam_size, self.cfg.nbest,
@@ -113,7 +122,7 @@ class MWERTask(SpeechTask):
         feats, lens = batch["feats"].to(device), batch["feat_lens"].to(device)
         if model.training:
             feats = self.augment(feats, lens)
-        nbest, calls, best = self.search(feats, lens)
+        nbest, calls, best = self.search(feats, lens, batch["durations"])
         out = model(feats, lens, batch["tokens"], head_weights=self.cfg.ce_head_weights, ctc_weight=self.cfg.ctc_weight,
                     nbest=nbest, ctc_tokens=batch.get("ctc_tokens"))
         texts = [[self.tokenizer.decode(h.tokens) for h in hyps] for hyps in nbest]

@@ -28,7 +28,7 @@ from mtp_asr.train.checkpoint import (
     set_rng_state,
 )
 from mtp_asr.train.config import LoopConfig
-from mtp_asr.utils import format_seconds
+from mtp_asr.utils import format_seconds, pick_device
 
 logger = logging.getLogger("mtp_asr")
 
@@ -88,15 +88,13 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError("device 'cuda' was asked for, but no GPU is available")
+def training_device(name: str, local_rank: int = 0) -> torch.device:
+    """The config's `device`; on a GPU, the one of this process's local rank (torchrun)."""
+    device = pick_device(name, "device")
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    return device
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -141,7 +139,7 @@ class Trainer:
     def _setup(self):
         cfg = self.cfg
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = pick_device(cfg.device, local_rank)
+        self.device = training_device(cfg.device, local_rank)
         self.dist = init_distributed(self.device)
         torch.manual_seed(cfg.seed)
         self.exp_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done 
   0  install the environment (tools/install.sh)
   1  Lhotse manifests for every LibriSpeech part found (data/manifests)
   2  80-dim fbank (data/fbank)
-  3  tokenizer: a BPE model (data/lang_bpe_<vocab_size>), or the --hf-llm directory's tokenizer; and the CTC
+  3  tokenizer: a sentencepiece unigram model (data/lang_bpe_<vocab_size>), or the --hf-llm directory's; and the CTC
      head's own (data/lang_ctc_unigram_<ctc_vocab_size>; --ctc-vocab-size 0: the CTC head uses the decoder's)
   4  pre-train the decoder LM on the training transcripts (exp/lm; skipped with --hf-llm; add LibriSpeech's
      LM corpus with --train-args '--set data.train_text=[...,librispeech-lm-norm.txt]')
