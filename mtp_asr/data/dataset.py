@@ -141,6 +141,15 @@ def read_cuts(path, lazy: bool = False) -> CutSet:
     return CutSet.from_jsonl_lazy(path) if lazy else CutSet.from_cuts(eager)
 
 
+def sample_cuts(manifests: Sequence, max_cuts: int, seed: int = 0) -> CutSet:
+    """The cuts of `manifests`, or a random `max_cuts` of them: manifests are often sorted by speaker or corpus part,
+    so their first cuts would not be representative."""
+    cuts = CutSet.from_cuts(c for m in manifests for c in read_cuts(m))
+    if len(cuts) > max_cuts:
+        cuts = CutSet.from_cuts(random.Random(seed).sample(list(cuts), max_cuts))
+    return cuts
+
+
 class SkipFirst(torch.utils.data.Sampler):
     """Yields a sampler's batches after skipping the first `skip` (exact mid-epoch resume)."""
 

@@ -11,15 +11,13 @@ The estimate of tokens per call (1 + accepted drafts per root) weighs every posi
 visits the positions after each call's last emitted token; `mtp-asr benchmark` measures the real figure.
 """
 import logging
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from lhotse import CutSet
 
-from mtp_asr.data.dataset import read_cuts
+from mtp_asr.data.dataset import sample_cuts
 from mtp_asr.decode.tree_spec import best_tree, nodes_text, product_paths
 from mtp_asr.model.build import load_speech_model
 from mtp_asr.model.lm import IGNORE
@@ -65,9 +63,7 @@ def fit_tree(checkpoint: Path, manifests: Sequence[Path], num_nodes: int, batch_
     lm = model.lm
     if lm.num_heads < 2:
         raise ValueError(f"{checkpoint} has one head: there are no drafts to arrange in a tree")
-    cuts = CutSet.from_cuts(c for m in manifests for c in read_cuts(m))
-    if len(cuts) > max_cuts:
-        cuts = CutSet.from_cuts(random.Random(seed).sample(list(cuts), max_cuts))
+    cuts = sample_cuts(manifests, max_cuts, seed)
     batches = cache_trunk(model, cuts, self_labels(model, tokenizer, cuts, batch_size), batch_size)
     counts, roots = rank_counts(lm, batches)
     if not roots:

@@ -23,16 +23,14 @@ Head 1 and the trunk are not touched, so greedy, mtp-verify and ctc-verify trans
 their decoder calls change); mtp-threshold and mtp-beam, which trust the heads' probabilities, change.
 """
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from lhotse import CutSet
 
-from mtp_asr.data.dataset import AsrDataset, read_cuts
+from mtp_asr.data.dataset import AsrDataset, sample_cuts
 from mtp_asr.decode.runner import DecodeSettings, batches_by_size, decode_cuts
 from mtp_asr.model.build import load_speech_model
 from mtp_asr.model.lm import IGNORE, mtp_labels
@@ -158,9 +156,7 @@ def distill_heads(checkpoint: Path, manifests: Sequence[Path], out: Path, settin
     if lm.num_heads < 2:
         raise ValueError(f"{checkpoint} has one head (plain next-token prediction): there are no heads to distil")
     freeze_parts(model, FROZEN)
-    cuts = CutSet.from_cuts(c for m in manifests for c in read_cuts(m))
-    if len(cuts) > settings.max_cuts:  # a random subset: manifests are often sorted by speaker or corpus part
-        cuts = CutSet.from_cuts(random.Random(settings.seed).sample(list(cuts), settings.max_cuts))
+    cuts = sample_cuts(manifests, settings.max_cuts, settings.seed)
     labels = self_labels(model, tokenizer, cuts, settings.batch_size)
     cached = cache_trunk(model, cuts, labels, settings.batch_size)
     cached = [b for b in cached if (b.labels[-1] != IGNORE).any()]  # the last head has the fewest labels
