@@ -250,7 +250,7 @@ def test_argument_errors():
     prefix, lens, _ = random_batch(lm, 2, 0, max_new=12)
     with pytest.raises(ValueError, match="unknown beam search method"):
         beam_search(lm, prefix, lens, "greedy")
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match="--num-heads must be in 1..2"):
         beam_search(lm, prefix, lens, "mtp-beam", num_heads=3)
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(lm, prefix, lens, "beam", beam_size=0)

@@ -31,7 +31,8 @@ def test_tree_shapes_and_names():
     assert product_paths((3, 2)) == ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1))
     assert parse_tree("3,2") == product_paths((3, 2)) and parse_tree("") == ()
     assert parse_tree("0;1;0.0;0.0.3") == ((0,), (1,), (0, 0), (0, 0, 3))
-    assert [tree_name(t) for t in ("4,4,4", "1,1,1", "", "0;1;0.0", "0;0.0")] == ["4x4x4", "", "", "3nodes", "2nodes"]
+    assert [tree_name(t) for t in ("4,4,4", "1,1,1", "", "0;1;0.0", "0;0.0")] == ["4x4x4", "1x1x1", "", "3nodes",
+                                                                                     "2nodes"]
     for bad, message in [("3,x", "widths per head"), ("2,0", ">= 1"), ("0;1.x", "rank paths"),
                          ("0;0.1.0", "lacks its parent 0.1"), ("0;0", "distinct"), ("0;-1", ">= 0")]:
         with pytest.raises(ValueError, match=message):

@@ -271,7 +271,7 @@ def test_argument_errors():
     prefix, lens, _ = random_batch(lm, 2, 0)
     with pytest.raises(ValueError, match="unknown decoding method"):
         generate(lm, prefix, lens, "beam-of-light")
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match="--num-heads must be in 1..2"):
         generate(lm, prefix, lens, "mtp-verify", num_heads=3)
     with pytest.raises(ValueError, match="threshold"):
         generate(lm, prefix, lens, "mtp-threshold", threshold=-0.1)

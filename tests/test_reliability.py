@@ -175,6 +175,29 @@ def test_audio_too_long_for_the_decoder_at_training_time(corpus, tmp_path):
     assert "skipping cut long-0000: 2.5 s of audio and 20 tokens do not fit" in train_log(exp)
 
 
+def test_sets_to_decode_are_checked_before_decoding(trained, corpus, tmp_path):
+    """Each refused before any decoding, naming the manifest: no cuts, a cut id twice (its results would be one), two
+    manifests of one set name (their result files would overwrite each other)."""
+    empty = tmp_path / "cuts_empty.jsonl.gz"
+    gzip.open(empty, "wt").close()
+    twice = tmp_path / "cuts_twice.jsonl.gz"
+    CutSet.from_cuts(list(load_manifest(corpus["valid"])) * 2).to_file(twice)
+    (tmp_path / "other").mkdir()
+    same_name = combined(tmp_path / "other" / corpus["valid"].name, corpus["valid"])
+    bench = ["benchmark", "--checkpoint", str(trained), "--cuts", str(empty), "--out-dir", str(tmp_path / "b")]
+    for args, message in [
+            (bench, f"cut manifest {empty} holds no cuts"),
+            (["decode", "--checkpoint", str(trained), "--cuts", str(twice)], f"cut manifest {twice}: cut id "),
+            (["decode", "--checkpoint", str(trained), "--cuts", str(corpus["valid"]), "--cuts", str(same_name)],
+             "are both the set 'valid'"),
+            (["decode", "--checkpoint", str(trained), "--avg", "2", "--cuts", str(corpus["valid"])],
+             "--checkpoint names one model file")]:
+        result = CliRunner().invoke(main, [*args, "--device", "cpu"] + (["--out-dir", str(tmp_path / "d")]
+                                                                          if args[0] == "decode" else []))
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
+
+
 def test_transcribe_names_audio_too_short_or_too_long(trained, audio_writer, tmp_path):
     for seconds, message in [(0.03, "s of audio is too short to transcribe"),
                              (25.0, "s of audio is too long for this model's decoder (max_seq_len 256")]:
@@ -209,6 +232,9 @@ USAGE_ERRORS = {
     "draft tree without verification": (["decode", "--draft-tree", "2,2,2"],
                                         "applies to mtp-verify and ctc-verify only"),
     "transcribe K < 1": (["transcribe", "-K", "0"], "0 is not in the range x>=1"),
+    "K without heads 2..K": (["decode", "-K", "2"], "applies to mtp-threshold, mtp-verify, ctc-verify and mtp-beam "
+                                                    "only, not --method greedy"),
+    "transcribe K with beam": (["transcribe", "--method", "beam", "-K", "2"], "not --method beam"),
     "benchmark negative max-utts": (["benchmark", "--max-utts", "-1"], "'--max-utts': -1 is not in the range x>=0"),
     "benchmark batch sizes": (["benchmark", "--batch-sizes", "4,0"], "batch sizes must be >= 1"),
 }

@@ -173,3 +173,19 @@ def _sections(text: str) -> dict[str, list[str]]:
     """Errs-file section header -> its lines (sections are separated by blank lines)."""
     blocks = text.split("\n\n")[1:]
     return {block.splitlines()[0]: block.splitlines()[1:] for block in blocks}
+
+
+def test_results_table_names_settings_and_compares_within_one_model():
+    from mtp_asr.decode.summary import add_speedups, method_name
+
+    def row(method, calls, path, **extra):
+        return {"test_set": "test", "checkpoint": "epoch-1", "checkpoint_path": path, "batch_size": 16,
+                "method": method, "num_decoder_calls": calls, "wall_seconds": calls / 100, **extra}
+
+    assert method_name(row("ctc-verify", 1, "a", max_draft=8, draft_tree="0;1;0.0")) == "ctc-verify D8 tree 3nodes"
+    assert method_name(row("mtp-verify", 1, "a", num_heads=2, draft_tree="1,1")) == "mtp-verify K2 tree 1x1"
+    assert method_name(row("mtp-verify", 1, "a")) == "mtp-verify"
+    # Two models whose files share a name (exp/asr/epoch-1.pt, exp/mwer/epoch-1.pt) each against its own greedy.
+    rows = add_speedups([row("greedy", 100, "exp/asr/epoch-1.pt"), row("greedy", 50, "exp/mwer/epoch-1.pt"),
+                         row("mtp-verify", 25, "exp/asr/epoch-1.pt"), row("mtp-verify", 25, "exp/mwer/epoch-1.pt")])
+    assert [r["speedup_calls"] for r in rows[2:]] == [4.0, 2.0]

@@ -10,6 +10,7 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 METHOD_CHOICES = ["greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"]
 BEAM_METHODS = ("beam", "mtp-beam")
 VERIFY_METHODS = ("mtp-verify", "ctc-verify")
+MTP_METHODS = ("mtp-threshold", "mtp-verify", "ctc-verify", "mtp-beam")  # the ones that use heads 2..K
 
 
 def model_options(fn):
@@ -81,7 +82,8 @@ def options_for(methods: tuple, method: str, **options) -> dict:
     `methods`, where they would silently do nothing."""
     given = {name: value for name, value in options.items() if value is not None}
     if given and method not in methods:
-        raise click.BadParameter(f"applies to {' and '.join(methods)} only, not --method {method}",
+        names = " and ".join([", ".join(methods[:-1]), methods[-1]] if len(methods) > 2 else methods)
+        raise click.BadParameter(f"applies to {names} only, not --method {method}",
                                  param_hint=" / ".join(f"--{name.replace('_', '-')}" for name in given))
     return given
 
@@ -115,6 +117,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
     options = {**options_for(BEAM_METHODS, method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
                **options_for(VERIFY_METHODS, method, draft_tree=draft_tree), "max_draft": max_draft,
                "decoder_threads": decoder_threads}
+    num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     out_dir = out_dir or path.parent / method
     run_decode(path, n_avg, name, manifests, method, thresholds, num_heads, batch_size, out_dir, device, **options)
@@ -205,6 +208,7 @@ def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, m
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
 
+    num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft, decoder_threads=decoder_threads,
                               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))

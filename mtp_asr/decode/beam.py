@@ -123,7 +123,7 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
         raise ValueError(f"unknown beam search method {method!r}; choose from {', '.join(BEAM_METHODS)}")
     K = 1 if method == "beam" else (num_heads or lm.num_heads)
     if not 1 <= K <= lm.num_heads:
-        raise ValueError(f"num_heads must be in 1..{lm.num_heads} for this model (got {K})")
+        raise ValueError(f"--num-heads must be in 1..{lm.num_heads} for this model (got {K})")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0 (got {threshold})")
     if beam_size < 1:

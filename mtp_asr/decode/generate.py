@@ -71,7 +71,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
     K = 1 if method == "greedy" else (num_heads or lm.num_heads)
     if not 1 <= K <= lm.num_heads:
-        raise ValueError(f"num_heads must be in 1..{lm.num_heads} for this model (got {K})")
+        raise ValueError(f"--num-heads must be in 1..{lm.num_heads} for this model (got {K})")
     if method == "mtp-threshold" and threshold < 0:
         raise ValueError(f"threshold must be >= 0 (got {threshold})")
     B, device = prefix.shape[0], prefix.device

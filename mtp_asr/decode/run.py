@@ -36,10 +36,26 @@ def resolve_checkpoint(checkpoint: Optional[Path], exp_dir: Optional[Path], epoc
                        ) -> tuple[Path, int, str]:
     """(checkpoint file, epochs to average, name for result suffixes) from --checkpoint or --exp-dir/--epoch/--avg."""
     if checkpoint is not None:
+        if exp_dir is not None or epoch is not None or avg != 1:
+            raise ValueError("--checkpoint names one model file: --exp-dir, --epoch and --avg go without it (they "
+                             "average epoch-N.pt files of an experiment directory)")
         return Path(checkpoint), 1, Path(checkpoint).stem
     if exp_dir is None or epoch is None:
         raise ValueError("give --checkpoint, or --exp-dir with --epoch (and optionally --avg)")
     return Path(exp_dir) / f"epoch-{epoch}.pt", avg, f"epoch-{epoch}-avg-{avg}"
+
+
+def eval_cuts(manifest: Path):
+    """A cut set to decode: refused when empty or when two cuts share an id (their results would be one)."""
+    cuts = read_cuts(manifest)
+    if not len(cuts):
+        raise ValueError(f"cut manifest {manifest} holds no cuts")
+    seen = set()
+    for cut in cuts:
+        if cut.id in seen:
+            raise ValueError(f"cut manifest {manifest}: cut id {cut.id!r} occurs more than once")
+        seen.add(cut.id)
+    return cuts
 
 
 def settings_list(method: str, thresholds: Sequence[float], num_heads: Optional[int], **options) -> list:
@@ -76,12 +92,18 @@ def reference_point(model, tokenizer, cuts, settings: DecodeSettings, batch_size
 def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[Path], method: str,
                thresholds: Sequence[float], num_heads: Optional[int], batch_size: int, out_dir: Path,
                device: str = "auto", **options) -> list:
+    names = {}
+    for manifest in manifests:  # result files are named by set: two manifests of one name would overwrite each other
+        other = names.setdefault(set_name(manifest), manifest)
+        if other != manifest:
+            raise ValueError(f"--cuts {other} and {manifest} are both the set {set_name(manifest)!r}: their results "
+                             f"would overwrite each other; decode them into different --out-dir")
     dev = pick_device(device)
     model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
     out_dir = Path(out_dir)
     summaries = []
     for manifest in manifests:
-        cuts = read_cuts(manifest)
+        cuts = eval_cuts(manifest)
         test_set = set_name(manifest)
         sweep = []
         for settings in settings_list(method, thresholds, num_heads, **options):
@@ -90,6 +112,7 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
             suffix = f"{ckpt_name}-{settings.label()}-bs{batch_size}"
             summary = write_results(out_dir, test_set, suffix, result, {"batch_size": batch_size,
                                                                         "checkpoint": ckpt_name,
+                                                                        "checkpoint_path": str(checkpoint),
                                                                         "device": device_name(dev)})
             logger.info("%s %s: WER %.2f%%, %d decoder calls, %.2f tokens/call, RTF %.4f", test_set, suffix,
                         summary["wer"], summary["num_decoder_calls"], summary["tokens_per_call"], summary["rtf"])
@@ -105,7 +128,7 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
                 done = (out_dir.parent / ref_settings.method /
                         f"summary-{test_set}-{ckpt_name}-{ref_settings.label()}-bs{batch_size}.json")
                 points.append(reference_point(model, tokenizer, cuts, ref_settings, batch_size, checkpoint, done))
-            name = method + (f"-B{settings.beam_size}" if method == "mtp-beam" else "")
+            name = re.sub(r"-tau[^-]+", "", settings.label())  # every setting but the swept threshold
             write_sweep_plot(out_dir / f"tradeoff-{test_set}-{ckpt_name}-{name}-bs{batch_size}.png", sweep + points,
                              f"{test_set}: WER vs decoder calls ({ckpt_name})")
         summaries += sweep
@@ -123,7 +146,7 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
     the rows."""
     dev = pick_device(device)
     model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
-    cuts = read_cuts(manifest)
+    cuts = eval_cuts(manifest)
     if max_utts:
         cuts = cuts.subset(first=max_utts)
     warm = cuts.subset(first=min(warmup_utts, len(cuts)))

@@ -114,6 +114,7 @@ class DecodeResult:
             "beam_size": self.settings.beam_size if self.settings.is_beam else None,
             "length_norm": self.settings.length_norm if self.settings.is_beam else None,
             "draft_tree": self.settings.draft_tree or None,
+            "max_draft": self.settings.max_draft if self.settings.method == "ctc-verify" else None,
             "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,

@@ -23,8 +23,9 @@ def collect(dirs: Sequence[Path]) -> list:
 
 
 def _group(s: dict) -> tuple:
-    """Runs comparable to each other: same test set, model (the suffix's checkpoint part) and batch size."""
-    return s["test_set"], s.get("checkpoint", ""), s.get("batch_size")
+    """Runs comparable to each other: same test set, model file and batch size (summaries before the model's path
+    was recorded: its name)."""
+    return s["test_set"], s.get("checkpoint_path") or s.get("checkpoint", ""), s.get("batch_size")
 
 
 def add_speedups(rows: list) -> list:
@@ -43,9 +44,11 @@ def tree_text(s: dict) -> str:
 
 
 def method_name(s: dict) -> str:
-    """The method, with its draft tree when it verifies one (e.g. `mtp-verify tree 4x4x4`)."""
+    """The method with the settings the other columns do not show: heads used when fewer than the model's, the CTC
+    draft length, the draft tree (e.g. `ctc-verify D8 tree 24nodes`, `mtp-verify K2`)."""
     tree = tree_name(tree_text(s))
-    return s["method"] + (f" tree {tree}" if tree else "")
+    return (s["method"] + (f" K{s['num_heads']}" if s.get("num_heads") else "")
+            + (f" D{s['max_draft']}" if s.get("max_draft") else "") + (f" tree {tree}" if tree else ""))
 
 
 def markdown(rows: list) -> str:

@@ -59,12 +59,13 @@ def tree_depth(paths: Sequence[tuple]) -> int:
 
 
 def tree_name(text: str) -> str:
-    """'4x4x4' for widths, '24nodes' for a node list (even one that happens to be a chain, so that its results never
-    take the plain chain's file names), '' for widths of 1 (the chain) — in result-file names and tables."""
+    """'4x4x4' for widths, '24nodes' for a node list, '' for no tree (the default chain) — in result-file names and
+    tables. A chain given explicitly keeps its name ('1x1'), so that its results never take the default chain's
+    files: on a model with more heads it is a shorter one."""
     paths = parse_tree(text) if text else ()
     if ";" in text or "." in text or text == "0":
         return f"{len(paths)}nodes"
-    return "" if all(max(p) == 0 for p in paths) else text.replace(",", "x")
+    return text.replace(",", "x")
 
 
 def nodes_text(paths: Sequence[tuple]) -> str:
