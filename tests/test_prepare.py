@@ -1,5 +1,6 @@
 """Corpus preparation: LibriSpeech and Kaldi layouts, every kind of bad input, the skip report, atomic output."""
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,19 @@ def test_bad_utterance_is_skipped_and_reported(case, kaldi_writer, audio_writer,
         assert f"  {reason} {list(expected.values()).count(reason)}\n" in report  # the count per reason
 
 
+@pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFF000])
+def test_wav_streamed_without_a_length_is_kept(placeholder, kaldi_writer, tmp_path):
+    """espeak-ng --stdout and sox writing to a pipe put a placeholder where the data chunk's length goes."""
+    data = kaldi_writer(tmp_path / "d", {"u1": (0.5, "streamed")})
+    path = data / "audio" / "u1.wav"
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"data") + 4
+    raw[at:at + 4] = struct.pack("<I", placeholder)
+    path.write_bytes(bytes(raw))
+    cuts = load_manifest(prepare_kaldi(data, tmp_path / "out"))
+    assert list(cuts.ids) == ["u1"] and cuts[0].duration == pytest.approx(0.5, abs=0.01)
+
+
 def test_repeated_ids_keep_the_first_and_warn(kaldi_writer, tmp_path):
     data = kaldi_writer(tmp_path / "d", {"u1": (0.5, "first")})
     with open(data / "text", "a") as f:
@@ -200,6 +214,24 @@ def test_repeated_ids_keep_the_first_and_warn(kaldi_writer, tmp_path):
     cut = load_manifest(prepare_kaldi(data, out))[0]
     assert cut.supervisions[0].text == "FIRST"
     assert f"u1 duplicate-id: {data / 'text'}:2 repeats {data / 'text'}:1" in read_report(out, "d")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_key(kaldi_writer, tmp_path):
+    data = kaldi_writer(tmp_path / "d", {"u1": (0.5, "first"), "u2": (0.5, "second")})
+    for name in ("text", "wav.scp"):
+        (data / name).write_bytes(b"\xef\xbb\xbf" + (data / name).read_bytes())
+    cuts = load_manifest(prepare_kaldi(data, tmp_path / "out"))
+    assert sorted(cuts.ids) == ["u1", "u2"]
+
+
+def test_librispeech_repeated_transcript_line_keeps_the_first(librispeech_dir, tmp_path):
+    trans = librispeech_dir / "dev-clean" / "174" / "50561" / "174-50561.trans.txt"
+    with open(trans, "a") as f:
+        f.write("174-50561-0000 A SECOND TRANSCRIPT\n")
+    out = tmp_path / "out"
+    cuts = load_manifest(prepare_librispeech(librispeech_dir, out)["dev-clean"])
+    assert [c.supervisions[0].text for c in cuts if c.id == "174-50561-0000"] == ["FOREVER"]
+    assert f"174-50561-0000 duplicate-id: {trans}:2: 174-50561-0000 is listed again" in read_report(out, "dev-clean")
 
 
 def test_truncated_flac_is_skipped(librispeech_dir, tmp_path):

@@ -115,6 +115,13 @@ def write_librispeech(root: Path) -> Path:
     return root / "LibriSpeech"
 
 
+@pytest.mark.parametrize("spelling", [["--quick", "true"], ["--quick=true"]])
+def test_quick_defaults_whichever_way_the_option_is_written(spelling, tmp_path):
+    proc = run(recipe_copy("synth", tmp_path), *spelling, "--stage", 99)
+    assert "settings: quick true, 0.03 h of audio (espeak,flite)" in proc.stdout
+    assert "MWER 4 steps" in proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng speaks the tiny corpus")
 def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
@@ -133,6 +140,9 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
     (recipe / "conf" / "lm_tiny.yaml").write_text(yaml.safe_dump(lm))
     (recipe / "conf" / "train_tiny.yaml").write_text(yaml.safe_dump(train))
 
+    # Data preparation alone first (a stop before the tokenizer is a success), then the rest resumes from it.
+    first = run(recipe, "--corpus-dir", corpus, "--nj", 1, "--stop-stage", 2)
+    assert "stage 2: fbank" in first.stdout and "stage 3" not in first.stdout
     proc = run(recipe, "--corpus-dir", corpus, "--lm-conf", "conf/lm_tiny.yaml", "--train-conf", "conf/train_tiny.yaml",
                "--vocab-size", 40, "--lm-epochs", 1, "--asr-epochs", 2, "--avg", 2, "--nj", 1, "--ngpu", 1,
                "--thresholds", "0.8", "--decode-batch-size", 4, "--ctc-vocab-size", 28)

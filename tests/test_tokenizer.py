@@ -148,3 +148,7 @@ def test_manifest_texts_names_a_file_that_is_not_a_cut_manifest(tmp_path):
                           '"duration": 1.0}\n')
     with pytest.raises(ValueError, match=f"{recordings}:1: not a Lhotse cut manifest"):
         list(manifest_texts([recordings]))
+
+
+def test_normaliser_folds_accents_apostrophes_and_undecomposed_latin_letters():
+    assert normalize_text("Café — Søren’s ŒUVRE, Łódź; ‘quoted’ Æsir") == "CAFE SOREN'S OEUVRE LODZ QUOTED AESIR"

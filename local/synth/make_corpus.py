@@ -237,6 +237,9 @@ def make_corpus(out_dir: Path, hours: float, seed: int = 0, jobs: int = 2, engin
     for u in failed[:5]:
         logger.warning("failed %s (%s/%s): %s", u.utt_id, u.voice.engine, u.voice.name, results[u.utt_id][2])
 
+    empty = [s for s in SPLITS if not any(u.split == s for u in ok)]
+    if empty:  # e.g. every held-out voice of a missing engine: say so here, not as an empty data dir later
+        raise RuntimeError(f"no synthesis of split(s) {', '.join(empty)} succeeded: see {out_dir / 'failed.txt'}")
     for split in SPLITS:
         _write_data_dir(out_dir / split, [u for u in ok if u.split == split], out_dir)
     _remove_stale_wavs(out_dir, ok)

@@ -24,7 +24,7 @@ def prepare():
     """Corpus -> Lhotse CutSets OUT_DIR/cuts_<split>.jsonl.gz, with OUT_DIR/prepare-report-<split>.txt.
 
     Transcripts are normalised (upper case, digits, inner apostrophes). Audio that is missing, unreadable,
-    truncated or empty is skipped; 8 kHz or multi-channel audio is resampled to 16 kHz mono. The report lists
+    truncated or empty is skipped; audio at other rates or with several channels becomes 16 kHz mono. The report lists
     every skip and change.
     """
 

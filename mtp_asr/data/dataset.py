@@ -169,7 +169,7 @@ class SkipFirst(torch.utils.data.Sampler):
 def cut_sampler(cuts: CutSet, max_duration: float, shuffle: bool, seed: int = 0, rank: int = 0,
                 world_size: int = 1, num_buckets: int = 10):
     """Batches of at most `max_duration` seconds of audio: duration-bucketed (Lhotse DynamicBucketingSampler) when
-    there are buckets to fill, else in manifest order (SimpleCutSampler)."""
+    there are buckets to fill, else unbucketed (SimpleCutSampler); shuffled or in manifest order as `shuffle` says."""
     if num_buckets > 1:
         return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=shuffle, num_buckets=num_buckets,
                                        seed=seed, rank=rank, world_size=world_size, drop_last=world_size > 1)

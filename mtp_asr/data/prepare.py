@@ -1,9 +1,10 @@
 """Corpus preparation: LibriSpeech directories and Kaldi data dirs -> validated Lhotse CutSets.
 
 Both inputs are first read into `Utterance` records, then share one checking path: every audio source is probed
-(exists, decodes to its declared end, long enough), 8 kHz or stereo audio is converted lazily with Lhotse cut
-transforms (counted as a warning), each cut is validated with `lhotse.validate`, and whatever cannot be used is
-skipped and listed in `OUT_DIR/prepare-report-<split>.txt`. Manifests are written atomically.
+(exists, decodes to its declared end, long enough), audio at another rate than 16 kHz or with several channels
+is converted lazily with Lhotse cut transforms (counted as a warning), each cut is validated with `lhotse.validate`,
+and whatever cannot be used is skipped and listed in `OUT_DIR/prepare-report-<split>.txt`. Manifests are written
+atomically.
 
 Audio paths are stored as given: relative paths resolve against the current directory, as in Kaldi recipes.
 """
@@ -109,7 +110,7 @@ def read_lines(path: Path, report: Report):
         for lineno, raw in enumerate(f, start=1):
             origin = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not part of a key
             except UnicodeDecodeError as e:
                 key = raw.split(maxsplit=1)[0].decode("utf-8", "replace") if raw.strip() else f"<{origin}>"
                 report.skip(key, "non-utf8", f"{origin}: byte {e.start} is not UTF-8")
@@ -212,6 +213,9 @@ def librispeech_utterances(part_dir: Path, report: Report) -> List[Utterance]:
     for trans in sorted(part_dir.rglob("*.trans.txt")):
         listed = set()
         for origin, utt, raw in read_lines(trans, report):
+            if utt in listed:
+                report.warn(utt, "duplicate-id", f"{origin}: {utt} is listed again; the first line is kept")
+                continue
             listed.add(utt)
             text = normalized_transcript(utt, raw, origin, report)
             if text is None:
@@ -242,8 +246,9 @@ def wav_truncation(path: str) -> Optional[str]:
             name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
             if name == b"data":
                 available = size - f.tell()
-                # 0xFFFFFFFF marks a stream written without knowing its length; it is read to the end.
-                if length != 0xFFFFFFFF and length > available:
+                # Streams written without knowing their length (espeak-ng --stdout, sox to a pipe) declare a
+                # placeholder, 0xFFFFFFFF or 0x7FFFF000; readers take the data to the end of the file.
+                if length not in (0xFFFFFFFF, 0x7FFFF000) and length > available:
                     return f"data chunk declares {length} bytes but the file holds {available}"
                 return None
             f.seek(length + (length & 1), io.SEEK_CUR)

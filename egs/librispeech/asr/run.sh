@@ -38,7 +38,8 @@ train_args=""      # more `--set key=value` overrides for training, e.g. "--set 
 
 help_message="Usage: $0 --corpus-dir DIR [options]
 
-Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done markers):
+Stages (--stage N --stop-stage M; finished stages are skipped through exp/.done markers, which do not record the
+options: to redo a stage with other options, remove its marker and those after it):
   0  install the environment (tools/install.sh)
   1  Lhotse manifests for every LibriSpeech part found (data/manifests)
   2  80-dim fbank (data/fbank)
@@ -79,10 +80,14 @@ if [ -x "$venv/bin/mtp-asr" ]; then
   export PATH="$PWD/$venv/bin:$PATH"
 fi
 
-existing() {  # the parts of "$@" that stage 1 prepared
+existing() {  # the parts of "$@" that stage 1 prepared; the others are named in a warning
   local p
   for p in "$@"; do
-    if [ -f "data/fbank/cuts_$p.jsonl.gz" ]; then echo "$p"; fi
+    if [ -f "data/fbank/cuts_$p.jsonl.gz" ]; then
+      echo "$p"
+    else
+      log "no data/fbank/cuts_$p.jsonl.gz: part $p left out" >&2
+    fi
   done
 }
 
@@ -115,6 +120,7 @@ if should_run 2 fbank; then
   mark_done fbank
 fi
 
+if [ "$stop_stage" -lt 3 ]; then exit 0; fi  # the stages below need the prepared parts
 train_cuts=$(existing $train_parts)
 [ -n "$train_cuts" ] || { log "no training part among: $train_parts (prepared: $(ls data/fbank 2>/dev/null))"; exit 1; }
 dev_cuts=$(existing $dev_parts)

@@ -33,7 +33,8 @@ test_sets="test test_unseen_voice"
 
 help_message="Usage: $0 [options]
 
-Stages (--stage N --stop-stage M run a range; finished stages are skipped through .done markers):
+Stages (--stage N --stop-stage M run a range; finished stages are skipped through exp/.done markers, which do not
+record the options: to redo a stage with other options, remove its marker and those after it):
   0  install the environment (tools/install.sh)
   1  synthesise the corpus and prepare Lhotse manifests (data/manifests)
   2  80-dim fbank features (data/fbank)
@@ -66,7 +67,7 @@ Options (default):
 
 # --quick true changes the defaults, so it is read first; options given on the command line still win.
 case " $* " in
-  *" --quick true "*)
+  *" --quick true "* | *" --quick=true "*)
     hours=0.03; engines=espeak,flite
     lm_epochs=3; ctc_epochs=1; asr_epochs=3; avg=2; thresholds="0.5 0.9"; mwer_steps=4; distill_steps=50 ;;
 esac
@@ -78,6 +79,8 @@ esac
 
 conf=conf
 if [ "$quick" = true ]; then conf=conf/quick; fi
+log "settings: quick $quick, $hours h of audio ($engines), $token_type tokens, epochs LM $lm_epochs /" \
+  "CTC $ctc_epochs / Speech-LLaMA $asr_epochs (average of $avg), distillation $distill_steps steps, MWER $mwer_steps steps"
 
 venv=tools/venv
 if [ -x "$venv/bin/mtp-asr" ]; then
