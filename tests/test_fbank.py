@@ -1,5 +1,6 @@
 """Fbank: Lhotse's extractor and lilcom storage against torchaudio's Kaldi-compatible fbank, splits, jobs, failures."""
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,19 +100,28 @@ def test_cli_splits_and_errors(prepared, kaldi_dir, tmp_path):
     assert load_manifest(prepared / "cuts_dev.jsonl.gz")[0].has_recording  # the input is untouched
 
 
-def test_failure_leaves_no_manifest(prepared, tmp_path, monkeypatch):
+def test_a_failed_recompute_keeps_the_old_features(prepared, tmp_path, monkeypatch):
     out = tmp_path / "f"
     compute_fbank(prepared, out)
-    assert (out / "cuts_dev.jsonl.gz").is_file()
+    before = {c.id: c.load_features() for c in load_manifest(out / "cuts_dev.jsonl.gz")}
 
     def crash(self, *args, **kwargs):
         raise RuntimeError("disk full")
 
+    real = Fbank.extract
     monkeypatch.setattr(Fbank, "extract", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         compute_fbank(prepared, out)
-    # Neither a half-written manifest nor the old one, which would point at replaced feature files.
-    assert [p.name for p in out.iterdir()] == ["feats_dev"]
+    # The old manifest and the features it points at are untouched; the new directory is gone.
+    assert sorted(p.name for p in out.iterdir()) == ["cuts_dev.jsonl.gz", "feats_dev"]
+    after = {c.id: c.load_features() for c in load_manifest(out / "cuts_dev.jsonl.gz")}
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    # A recompute that succeeds replaces both, pointing at the final directory, and leaves no temporary one.
+    monkeypatch.setattr(Fbank, "extract", real)
+    cuts = load_manifest(compute_fbank(prepared, out)["dev"])
+    assert sorted(p.name for p in out.iterdir()) == ["cuts_dev.jsonl.gz", "feats_dev"]
+    assert all(Path(c.features.storage_path).parent == out / "feats_dev" for c in cuts)
+    assert all(np.array_equal(before[c.id], c.load_features()) for c in cuts)
 
 
 def test_cut_whose_audio_vanished_is_named(prepared, kaldi_dir, tmp_path, caplog):

@@ -5,7 +5,9 @@ storage file in a worker process, so that finished chunks give progress lines wi
 """
 import math
 import multiprocessing
+import os
 import re
+import secrets
 import shutil
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter, load_manifest, validate
+from lhotse.utils import fastcopy
 
 from mtp_asr.data import PreparationError
 from mtp_asr.utils import Progress, atomic_path, logger
@@ -83,13 +86,34 @@ def compute_fbank_split(
     cuts = load_manifest(in_manifest).to_eager()
     if len(cuts) == 0:
         raise ValueError(f"{in_manifest} holds no cuts")
-    # An old manifest would point into the storage about to be replaced: remove it first, so a failure
-    # leaves no manifest rather than a stale one.
-    out_manifest.unlink(missing_ok=True)
+    # Features go into a new directory beside the old one, which (with its manifest) stays usable until the new
+    # features are complete: a failed or interrupted recompute loses nothing. Leftovers of killed runs go first.
     storage = out_dir / f"feats_{split}"
+    for stale in out_dir.glob(f".feats_{split}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    new_storage = out_dir / f".feats_{split}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    new_storage.mkdir()
+    try:
+        out = _extract(cuts, new_storage, split, jobs, pool, in_manifest)
+    except BaseException:
+        shutil.rmtree(new_storage, ignore_errors=True)
+        raise
+    # The swap: the old manifest goes first (it must never point at the new files), then the directories, then
+    # the new manifest; a crash in between leaves no manifest, never a mismatched one.
+    out = CutSet.from_cuts(fastcopy(c, features=fastcopy(c.features, storage_path=str(
+        storage / Path(c.features.storage_path).name))) for c in out)
+    out_manifest.unlink(missing_ok=True)
     shutil.rmtree(storage, ignore_errors=True)
-    storage.mkdir(parents=True)
+    os.replace(new_storage, storage)
+    with atomic_path(out_manifest) as tmp:
+        out.to_file(tmp)
+    logger.info("fbank %s: %d cuts -> %s", split, len(out), out_manifest)
+    return out_manifest
 
+
+def _extract(cuts: CutSet, storage: Path, split: str, jobs: int, pool: Optional[Executor], in_manifest) -> CutSet:
+    """Features of `cuts` written in chunks under `storage`, in parallel on `pool`; the validated cuts."""
     total = sum(c.duration for c in cuts)
     n_chunks = min(len(cuts), max(4 * jobs, math.ceil(total / CHUNK_SECONDS)))
     chunks = cuts.split(n_chunks)
@@ -114,10 +138,8 @@ def compute_fbank_split(
         if len(out) == 0:
             raise PreparationError(f"fbank {split}: no cut in {in_manifest} could load its audio")
     validate(out)
-    with atomic_path(out_manifest) as tmp:
-        out.to_file(tmp)
-    bar.close(f"{len(out)} cuts -> {out_manifest}")
-    return out_manifest
+    bar.close(f"{len(out)} cuts")
+    return out
 
 
 def compute_fbank(in_dir, out_dir, splits: Optional[Sequence[str]] = None, jobs: int = 1) -> Dict[str, Path]:
