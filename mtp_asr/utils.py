@@ -61,13 +61,14 @@ def _fsync(path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path, marker: str):
+def atomic_dir(path, marker: Optional[str] = None):
     """Yield a new empty directory beside `path`; on success it takes `path`'s place as a whole, on error it is
     removed: a directory of files that belong together (a model export) is never half old, half new. Its files get
     the permissions the umask allows (safetensors and mkstemp make private ones) and are synced before the swap.
-    An existing `path` is replaced only when it is empty or holds `marker` (an earlier output of the same kind)."""
+    With `marker`, an existing `path` is replaced only when it is empty or holds `marker` (an earlier output of the
+    same kind); without, `path` is the caller's own directory and replaced whatever it holds."""
     path = Path(path)
-    if path.exists() and not (path / marker).is_file() and (not path.is_dir() or any(path.iterdir())):
+    if marker and path.exists() and not (path / marker).is_file() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{path}: exists and is not a model export (no {marker}); refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its directories are private (0700).

@@ -5,9 +5,7 @@ storage file in a worker process, so that finished chunks give progress lines wi
 """
 import math
 import multiprocessing
-import os
 import re
-import secrets
 import shutil
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
@@ -18,7 +16,7 @@ from lhotse import CutSet, Fbank, FbankConfig, LilcomChunkyWriter, load_manifest
 from lhotse.utils import fastcopy
 
 from mtp_asr.data import PreparationError
-from mtp_asr.utils import Progress, atomic_path, logger
+from mtp_asr.utils import Progress, atomic_dir, atomic_path, logger
 
 NUM_MEL_BINS = 80
 FRAME_SHIFT = 0.01
@@ -89,23 +87,15 @@ def compute_fbank_split(
     # Features go into a new directory beside the old one, which (with its manifest) stays usable until the new
     # features are complete: a failed or interrupted recompute loses nothing. Leftovers of killed runs go first.
     storage = out_dir / f"feats_{split}"
-    for stale in out_dir.glob(f".feats_{split}.tmp-*"):
+    for stale in out_dir.glob(f".feats_{split}.tmp-*"):  # atomic_dir's leftovers from killed runs
         shutil.rmtree(stale, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    new_storage = out_dir / f".feats_{split}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    new_storage.mkdir()
-    try:
+    with atomic_dir(storage) as new_storage:
         out = _extract(cuts, new_storage, split, jobs, pool, in_manifest)
-    except BaseException:
-        shutil.rmtree(new_storage, ignore_errors=True)
-        raise
-    # The swap: the old manifest goes first (it must never point at the new files), then the directories, then
-    # the new manifest; a crash in between leaves no manifest, never a mismatched one.
-    out = CutSet.from_cuts(fastcopy(c, features=fastcopy(c.features, storage_path=str(
-        storage / Path(c.features.storage_path).name))) for c in out)
-    out_manifest.unlink(missing_ok=True)
-    shutil.rmtree(storage, ignore_errors=True)
-    os.replace(new_storage, storage)
+        out = CutSet.from_cuts(fastcopy(c, features=fastcopy(c.features, storage_path=str(
+            storage / Path(c.features.storage_path).name))) for c in out)
+        # Before the swap, the old manifest goes (it must never point at the new files); the new one follows it,
+        # so a crash in between leaves no manifest, never a mismatched one.
+        out_manifest.unlink(missing_ok=True)
     with atomic_path(out_manifest) as tmp:
         out.to_file(tmp)
     logger.info("fbank %s: %d cuts -> %s", split, len(out), out_manifest)

@@ -13,6 +13,7 @@ from mtp_asr.data.dataset import read_cuts
 from mtp_asr.decode.report import write_results, write_sweep_plot
 from mtp_asr.decode.runner import DecodeSettings, decode_batch, decode_cuts
 from mtp_asr.model.build import load_speech_model
+from mtp_asr.model.encoder import MIN_FRAMES
 from mtp_asr.score import compute_error_stats
 from mtp_asr.utils import atomic_write_text, pick_device
 
@@ -220,7 +221,7 @@ def transcribe_files(checkpoint: Path, avg: int, files: Sequence[Path], settings
         samples = load_audio(f)
         feats = torch.from_numpy(extractor.extract(samples, 16000)).float()
         seconds = len(samples) / 16000
-        if feats.shape[0] < 7:  # the encoder's subsampling needs 7 frames
+        if feats.shape[0] < MIN_FRAMES:
             raise ValueError(f"{f}: {seconds:.3f} s of audio is too short to transcribe (70 ms at least)")
         if model.max_new_tokens(feats.shape[0]) < 1:
             raise ValueError(f"{f}: {seconds:.1f} s of audio is too long for this model's decoder (max_seq_len "

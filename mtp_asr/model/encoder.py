@@ -35,6 +35,10 @@ class EncoderConfig:
             raise ValueError(f"encoder.ctc_vocab_size must be >= 0 (got {self.ctc_vocab_size})")
 
 
+# Feature frames the two 3x3 subsampling convolutions need to give one encoder frame.
+MIN_FRAMES = 7
+
+
 def subsampled_lengths(lengths, factor: int = 4):
     """Frames after two 3x3 convolutions without padding, strides 2 and 2 (x4) or 2 and 1 (x2) in time."""
     return ((lengths - 1) // 2 - 1) // 2 if factor == 4 else (lengths - 1) // 2 - 2
@@ -91,8 +95,8 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
         """feats (B, T, F) -> encoder frames (B, T/subsampling, dim) and their lengths."""
-        if feats.shape[1] < 7:
-            raise ValueError(f"input of {feats.shape[1]} frames is too short for the subsampling (needs >= 7)")
+        if feats.shape[1] < MIN_FRAMES:
+            raise ValueError(f"input of {feats.shape[1]} frames is too short for the subsampling (needs >= {MIN_FRAMES})")
         x, lens = self.subsampling(normalize_utterances(feats, feat_lens), feat_lens)
         lens = lens.clamp(min=1, max=x.shape[1])
         self._valid = (torch.arange(x.shape[1], device=x.device) < lens[:, None]).unsqueeze(1).to(x.dtype)
