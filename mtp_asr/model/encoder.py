@@ -96,7 +96,8 @@ class SpeechEncoder(nn.Module):
     def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
         """feats (B, T, F) -> encoder frames (B, T/subsampling, dim) and their lengths."""
         if feats.shape[1] < MIN_FRAMES:
-            raise ValueError(f"input of {feats.shape[1]} frames is too short for the subsampling (needs >= {MIN_FRAMES})")
+            raise ValueError(f"input of {feats.shape[1]} frames is too short for the subsampling "
+                             f"(needs >= {MIN_FRAMES})")
         x, lens = self.subsampling(normalize_utterances(feats, feat_lens), feat_lens)
         lens = lens.clamp(min=1, max=x.shape[1])
         self._valid = (torch.arange(x.shape[1], device=x.device) < lens[:, None]).unsqueeze(1).to(x.dtype)
