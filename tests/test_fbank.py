@@ -131,3 +131,44 @@ def test_cut_whose_audio_vanished_is_named(prepared, kaldi_dir, tmp_path, caplog
     assert sorted(cuts.ids) == ["spk1-utt1", "spk2-utt1"]
     assert "spk1-utt2" in caplog.text and "could not load audio" in caplog.text
 
+
+
+def test_segments_of_a_longer_recording(tmp_path):
+    """Cuts from a Kaldi `segments` file (start > 0 inside one recording) get the fbank of their own audio slice."""
+    data = tmp_path / "seg"
+    data.mkdir()
+    # A chirp (100 Hz -> 4 kHz) with a swelling level over noise: every stretch of the recording sounds different,
+    # so features taken at a wrong offset cannot pass for the right ones.
+    t = np.arange(3 * 16000) / 16000
+    rng = np.random.default_rng(0)
+    chirp = np.sin(2 * np.pi * (100 * t + 650 * t ** 2)) * (0.05 + 0.3 * np.abs(np.sin(2 * np.pi * 0.7 * t)))
+    sf.write(data / "rec1.wav", chirp + 0.01 * rng.standard_normal(len(t)), 16000, subtype="PCM_16")
+    samples, _ = sf.read(data / "rec1.wav", dtype="float32")
+    (data / "wav.scp").write_text(f"rec1 {data / 'rec1.wav'}\n")
+    # (start, end) in seconds; b runs to the end of the recording (-1), c overshoots it by 0.15 s and is clipped.
+    segments = {"rec1-a": (0.5, 1.25), "rec1-b": (2.0, 3.0), "rec1-c": (2.63, 3.0), "rec1-d": (0.0, 0.4)}
+    (data / "segments").write_text("rec1-a rec1 0.50 1.25\nrec1-b rec1 2.00 -1\nrec1-c rec1 2.63 3.15\n"
+                                   "rec1-d rec1 0.00 0.40\n")
+    (data / "text").write_text("rec1-a one\nrec1-b two\nrec1-c three\nrec1-d four\n")
+    (data / "utt2spk").write_text("".join(f"{utt} spk\n" for utt in segments))
+    prepare_kaldi(data, tmp_path / "m", split="seg")
+    cuts = load_manifest(compute_fbank(tmp_path / "m", tmp_path / "f", jobs=1)["seg"])
+    assert sorted(cuts.ids) == sorted(segments)
+    whole = kaldi_fbank(samples)  # the full recording's features: frame t covers 10 t - 7.5 ms to 10 t + 17.5 ms
+    assert whole.shape == (300, 80)
+    for cut in cuts:
+        start, end = segments[cut.id]
+        assert (cut.start, cut.end, cut.recording_id) == (pytest.approx(start), pytest.approx(end), "rec1")
+        feats = cut.load_features()
+        frames = round((end - start) / 0.01)
+        assert feats.shape == (frames, 80) and cut.num_frames == frames
+        expected = kaldi_fbank(samples[round(start * 16000):round(end * 16000)])
+        assert expected.shape == feats.shape
+        np.testing.assert_allclose(feats, expected, rtol=0, atol=LILCOM_ATOL)
+        # Away from the segment's edges (where snip_edges=False pads by reflection) its frames are those of the
+        # full recording from the segment's start on, when that start falls on the 10 ms frame grid.
+        if round(start * 100) == start * 100:
+            offset = round(start * 100)
+            np.testing.assert_allclose(feats[2:-2], whole[offset + 2:offset + frames - 2], rtol=0, atol=LILCOM_ATOL)
+        if start > 0:  # the same number of frames from the recording's start would be far off
+            assert np.abs(feats - whole[:frames]).max() > 1.0
