@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 stage=0
 stop_stage=100
 quick=false        # true: a tiny corpus and tiny models, every stage in a few minutes (CI runs this)
-hours=2.0          # audio to synthesise (all splits)
+hours=8.0          # audio to synthesise (all splits)
 seed=0
 nj=2               # parallel jobs for corpus generation and features
 engines=espeak,flite,festival,hibari
@@ -15,10 +15,10 @@ token_type=char    # sentencepiece model type: char (learns fastest from little 
 vocab_size=40      # an upper bound for char (the corpus has 30 symbols)
 ctc_token_type=""  # the CTC head's own tokens (char, bpe, unigram; data/lang_ctc_<type>); "": the decoder's
 ctc_vocab_size=40
-lm_epochs=3
-ctc_epochs=4       # encoder CTC pre-training; 0 skips it
-asr_epochs=5
-avg=2
+lm_epochs=0        # decoder pre-training on text; 0 skips it (the decoder then starts from random weights)
+ctc_epochs=3       # encoder CTC pre-training; 0 skips it
+asr_epochs=3
+avg=1
 distill_steps=600  # self-distillation of heads 2..K (stage 8); 0 skips it
 distill_cuts=500   # training cuts decoded for it
 thresholds="0.5 0.8"
@@ -39,8 +39,9 @@ record the options: to redo a stage with other options, remove its marker and th
   1  synthesise the corpus and prepare Lhotse manifests (data/manifests)
   2  80-dim fbank features (data/fbank)
   3  LM text (data/lm) and sentencepiece tokenizer (data/lang_<token_type>)
-  4  pre-train the decoder LM with its MTP heads on text (exp/lm)  } run side by side,
-  5  pre-train the encoder with CTC (exp/ctc; --ctc-epochs 0 skips) } one core each
+  4  pre-train the decoder LM with its MTP heads on text (exp/lm;  } run side by side,
+     --lm-epochs 0, the default, skips it: see RESULTS.md)         } one core each
+  5  pre-train the encoder with CTC (exp/ctc; --ctc-epochs 0 skips) }
   6  train Speech-LLaMA with K=4 MTP heads (exp/asr)
   7  average the last --avg epochs
   8  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
@@ -69,7 +70,7 @@ Options (default):
 case " $* " in
   *" --quick true "* | *" --quick=true "*)
     hours=0.03; engines=espeak,flite
-    lm_epochs=3; ctc_epochs=1; asr_epochs=3; avg=2; thresholds="0.5 0.9"; mwer_steps=4; distill_steps=50 ;;
+    ctc_epochs=1; asr_epochs=3; avg=2; thresholds="0.5 0.9"; mwer_steps=4; distill_steps=50 ;;
 esac
 
 . tools/parse_options.sh
@@ -93,6 +94,19 @@ if [ -n "$ctc_token_type" ]; then
   ctc_args=(--set "data.ctc_tokenizer=$ctc_lang/tokenizer.model")
 fi
 
+
+# Runs `mtp-asr ARGS...` on the whole machine. On a CPU, as torchrun ranks, one per core up to two, each on one
+# thread: one process on two threads is no faster here (small matrix products), two ranks train 1.7x faster at the
+# same loss per epoch (egs/synth/asr/RESULTS.md); more ranks would make too few updates per epoch of this corpus.
+train_on_cores() {
+  local n
+  n=$(python3 -c "import os, torch; print(1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))")
+  if [ "$n" -gt 1 ]; then
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node "$n" "$(command -v mtp-asr)" "$@"
+  else
+    mtp-asr "$@"
+  fi
+}
 
 if should_run 0 install; then
   bash tools/install.sh
@@ -125,26 +139,29 @@ if should_run 3 tokenizer; then
   mark_done tokenizer
 fi
 
-# Stages 4 and 5 train different parts (decoder on text, encoder on audio): they run side by side, one core each,
-# which keeps both cores busier than one job on two threads.
-threads=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))
+# Stages 4 and 5 train different parts (decoder on text, encoder on audio): with both, they run side by side, one
+# core each. Stage 5 alone, like stage 6, has the machine to itself (train_on_cores).
 pids=()
-if should_run 4 lm; then
-  (
-    OMP_NUM_THREADS=$threads mtp-asr pretrain-lm -c "$conf/lm.yaml" --exp-dir exp/lm \
-      --set "data.tokenizer=$lang/tokenizer.model" --set "num_epochs=$lm_epochs"
-    mark_done lm
-  ) &
-  pids+=($!)
+init_lm=""
+if [ "$lm_epochs" -gt 0 ]; then
+  init_lm=exp/lm/epoch-$lm_epochs.pt
+  if should_run 4 lm; then
+    (
+      OMP_NUM_THREADS=1 mtp-asr pretrain-lm -c "$conf/lm.yaml" --exp-dir exp/lm \
+        --set "data.tokenizer=$lang/tokenizer.model" --set "num_epochs=$lm_epochs"
+      mark_done lm
+    ) &
+    pids+=($!)
+  fi
 fi
 init_encoder=""
 if [ "$ctc_epochs" -gt 0 ]; then
   init_encoder=exp/ctc/epoch-$ctc_epochs.pt
   if should_run 5 ctc; then
+    ctc_train=(train -c "$conf/train.yaml" --ctc-only --exp-dir exp/ctc --set "data.tokenizer=$lang/tokenizer.model"
+      --set "num_epochs=$ctc_epochs" --set optim.lr=3e-3 ${ctc_args[@]+"${ctc_args[@]}"})
     (
-      OMP_NUM_THREADS=$threads mtp-asr train -c "$conf/train.yaml" --ctc-only --exp-dir exp/ctc \
-        --set "data.tokenizer=$lang/tokenizer.model" --set "num_epochs=$ctc_epochs" --set optim.lr=3e-3 \
-        ${ctc_args[@]+"${ctc_args[@]}"}
+      if [ ${#pids[@]} -gt 0 ]; then OMP_NUM_THREADS=1 mtp-asr "${ctc_train[@]}"; else train_on_cores "${ctc_train[@]}"; fi
       mark_done ctc
     ) &
     pids+=($!)
@@ -155,8 +172,8 @@ for pid in ${pids[@]+"${pids[@]}"}; do
 done
 
 if should_run 6 asr; then
-  mtp-asr train -c "$conf/train.yaml" --exp-dir exp/asr --set "data.tokenizer=$lang/tokenizer.model" \
-    --set "num_epochs=$asr_epochs" --set "init_lm=exp/lm/epoch-$lm_epochs.pt" --set "init_encoder=$init_encoder" \
+  train_on_cores train -c "$conf/train.yaml" --exp-dir exp/asr --set "data.tokenizer=$lang/tokenizer.model" \
+    --set "num_epochs=$asr_epochs" --set "init_lm=$init_lm" --set "init_encoder=$init_encoder" \
     ${ctc_args[@]+"${ctc_args[@]}"}
   mark_done asr
 fi
