@@ -116,6 +116,30 @@ def test_too_short_transcripts_leave_the_heads_unchanged(corpus, tmp_path, monke
     assert all(torch.equal(v, saved[k]) for k, v in load_checkpoint(ckpt)["model"].items())
 
 
+def test_heads_that_fit_worse_are_not_kept(corpus, tmp_path, monkeypatch, caplog):
+    """A fit that lowers the held-out agreement (here: one that scrambles the heads) hands back the original heads,
+    with a warning; the report still gives both agreements."""
+    import mtp_asr.train.distill as distill
+
+    ckpt, out = speech_checkpoint(tmp_path / "model.pt", corpus["tokenizer"]), tmp_path / "out.pt"
+    monkeypatch.setattr(distill, "self_labels", lambda m, t, cuts, bs: {c.id: ([5, 6, 7, 8] * 5, True) for c in cuts})
+    calls, real_fit = [], distill.fit_heads
+
+    def fit_then_break(lm, *args, **kwargs):
+        real_fit(lm, *args, **kwargs)  # a real fit ...
+        calls.append(sum(distill.agreement(lm, args[0])))
+        with torch.no_grad():  # ... then break it, as a diverging fit would
+            for p in lm.heads.parameters():
+                p.mul_(-1.0)
+
+    monkeypatch.setattr(distill, "fit_heads", fit_then_break)
+    report = distill.distill_heads(ckpt, [corpus["valid"]], out, distill.DistillSettings(steps=20, lr=3e-2))
+    assert len(calls) == 1 and report["heads"] == "original" and "keeps the original heads" in caplog.text
+    assert sum(report["agreement_after"]) <= sum(report["agreement_before"])
+    saved = load_checkpoint(out)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in load_checkpoint(ckpt)["model"].items())
+
+
 @pytest.mark.slow
 def test_distilled_heads_keep_greedy_output_and_save_decoder_calls(corpus, tmp_path):
     """A briefly trained model, its heads self-distilled through the CLI: every parameter outside heads 2..K is
@@ -129,7 +153,7 @@ def test_distilled_heads_keep_greedy_output_and_save_decoder_calls(corpus, tmp_p
                                        "--out", str(out), "--steps", "300", "--batch-size", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = load_checkpoint(out)["distilled_heads"]
-    assert report["num_cuts"] == 24 and report["steps"] == 300
+    assert report["num_cuts"] == 24 and report["steps"] == 300 and report["heads"] == "distilled"
     assert sum(report["agreement_after"]) > sum(report["agreement_before"]), report
 
     before, tokenizer, _ = load_speech_model(src)
