@@ -39,10 +39,10 @@ record the options: to redo a stage with other options, remove its marker and th
   1  synthesise the corpus and prepare Lhotse manifests (data/manifests)
   2  80-dim fbank features (data/fbank)
   3  LM text (data/lm) and sentencepiece tokenizer (data/lang_<token_type>)
-  4  pre-train the decoder LM with its MTP heads on text (exp/lm;  } run side by side,
-     --lm-epochs 0, the default, skips it: see RESULTS.md)         } one core each
-  5  pre-train the encoder with CTC (exp/ctc; --ctc-epochs 0 skips) }
-  6  train Speech-LLaMA with K=4 MTP heads (exp/asr)
+  4  pre-train the decoder LM with its MTP heads on text (exp/lm; only with --lm-epochs N > 0: from random weights
+     the decoder learns to read the audio faster, see RESULTS.md); beside stage 5, one core each
+  5  pre-train the encoder with CTC (exp/ctc; --ctc-epochs 0 skips it); alone, on two torchrun ranks
+  6  train Speech-LLaMA with K=4 MTP heads (exp/asr; two torchrun ranks on a CPU)
   7  average the last --avg epochs
   8  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
      skips it); the trunk and head 1 stay as they are, so greedy output does not change
