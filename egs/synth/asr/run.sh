@@ -100,7 +100,8 @@ fi
 # same loss per epoch (egs/synth/asr/RESULTS.md); more ranks would make too few updates per epoch of this corpus.
 train_on_cores() {
   local n
-  n=$(python3 -c "import os, torch; print(1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))")
+  n=$(python3 -c "import os, torch; print(1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1))" \
+    2>/dev/null || echo 1)
   if [ "$n" -gt 1 ]; then
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node "$n" "$(command -v mtp-asr)" "$@"
   else
