@@ -21,12 +21,12 @@ asr_epochs=6
 avg=1
 distill_steps=600  # self-distillation of heads 2..K (stage 8); 0 skips it
 distill_cuts=500   # training cuts decoded for it
-thresholds="0.5 0.8"
+thresholds="0.5 0.8 0.95"
 draft_tree_nodes=24  # stage 9 also runs mtp-verify and ctc-verify with a draft tree of this many nodes fitted on
                      # dev; 0 skips
 decode_batch_size=16
 beam_size=4
-beam_threshold=0.8 # tau of mtp-beam
+beam_threshold=0.95  # tau of mtp-beam (chosen on dev: RESULTS.md)
 mwer_steps=30
 device=auto
 test_sets="test test_unseen_voice"
