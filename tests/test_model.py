@@ -68,6 +68,22 @@ def test_head_shapes_and_parameter_count(kind):
     assert count_params(one.heads) == 0 == extra_head_params(kind, 1, 16, 16, 32, 8)
 
 
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_logits_at_equals_each_heads_logits(kind, lazy):
+    lm = tiny_lm(kind, num_heads=4, vocab=20)  # randomised heads: each head's logits differ from the others'
+    hidden = lm.decoder(torch.randn(3, 6, 16, dtype=torch.float64))
+    full = lm.heads.states(lm.decoder, hidden)
+    states = lm.heads.states(lm.decoder, hidden, lazy=lazy)
+    index = (torch.tensor([0, 1, 2, 2]), torch.tensor([5, 0, 3, 4]))
+    for heads in (range(0, 4), range(1, 4), range(1, 3)):
+        got = lm.heads.logits_at(lm.decoder, states, index, heads)
+        assert got.shape == (4, len(heads), 20)
+        for j, k in enumerate(heads):
+            want = lm.heads.logits(lm.decoder, k, full[k][index])
+            torch.testing.assert_close(got[:, j], want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["linear", "latent", "medusa"])
 def test_heads_start_as_the_lm_head(kind):
     lm = tiny_lm(kind, num_heads=4, randomize=False)

@@ -151,15 +151,15 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
         x = block if block.dim() == 3 else lm.embed(block)
         geometry = cache.call_geometry(x.shape[1])
         hidden = lm.decoder(x, cache, geometry)
-        states = lm.heads.states(lm.decoder, hidden, cache, geometry)
+        states = lm.heads.states(lm.decoder, hidden, cache, geometry, lazy=True)
         batch_calls += 1
         cache.lengths += n_pending
         rows, last = torch.arange(len(live), device=device), n_pending - 1
-        logits = [lm.heads.logits(lm.decoder, k, states[k][rows, last]) for k in range(K)]
-        top_lp, top_tok = _log_softmax(logits[0]).topk(min(beam_size, vocab), dim=-1)
+        logits = lm.heads.logits(lm.decoder, 0, states[0][rows, last])
+        top_lp, top_tok = _log_softmax(logits).topk(min(beam_size, vocab), dim=-1)
         top_lp, top_tok = top_lp.tolist(), top_tok.tolist()
         if K > 1:
-            extra_logits = torch.stack(logits[1:], 1)  # (rows, K-1, V)
+            extra_logits = lm.heads.logits_at(lm.decoder, states, (rows, last), range(1, K))  # (rows, K-1, V)
             extra = extra_logits.argmax(-1, keepdim=True)
             extra_lp = _log_softmax(extra_logits).gather(-1, extra)[..., 0].tolist()
             # The acceptance test exactly as mtp-threshold computes it, so beam size 1 reproduces it bit for bit.

@@ -134,8 +134,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         # Heads 2..K at the last kept position.
         extra = extra_p = None
         if K > 1 and (verify or method == "mtp-threshold"):
-            logits = torch.stack([lm.heads.logits(lm.decoder, k, lm.heads.head_state(states, k, (ar, last)))
-                                  for k in range(1, K)], 1)
+            logits = lm.heads.logits_at(lm.decoder, states, (ar, last), range(1, K))  # (live, K-1, V)
             if verify and top > 1:
                 extra = logits.topk(top, dim=-1).indices  # (live, K-1, top)
             else:

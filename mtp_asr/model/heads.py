@@ -84,7 +84,7 @@ class MTPHeads(nn.Module):
         """Per-head inputs to the un-embedding, [head 1, ..., head K], each (B, T, d), from the trunk output `hidden`
         (before the final norm). For `layer` heads with a cache, `geometry` must be the call's geometry; without
         one, `positions` are the rotary positions the trunk used (default 0..T-1). lazy: head 1's alone where the
-        others are a function of it (every kind but `layer`), for `head_state` to project only where needed."""
+        others are a function of it (every kind but `layer`), for `logits_at` to project only where needed."""
         normed = decoder.norm(hidden)
         if self.kind != "layer":
             return [normed] if lazy else [normed] + [self.project(k, normed) for k in range(1, self.num_heads)]
@@ -105,12 +105,16 @@ class MTPHeads(nn.Module):
             return normed + nn.functional.silu(self.blocks[head - 1](normed))
         return normed  # linear: the head's own projection is in `logits`
 
-    def head_state(self, states: list, head: int, index: tuple) -> Tensor:
-        """State of head `head` (0-based) at positions `index` (advanced index into (B, T)) of `states` as returned by
-        `states`, lazy or not."""
-        if head < len(states):
-            return states[head][index]
-        return self.project(head, states[0][index])
+    def logits_at(self, decoder: LlamaDecoder, states: list, index: tuple, heads: range) -> Tensor:
+        """Logits (N, len(heads), V) of heads `heads` (0-based) at positions `index` of `states` (lazy or not). The
+        shared un-embedding runs once for all of them: at decoding's few rows a product costs about the same for 1 row
+        as for 3, so this saves most of heads 2..K's time per call (egs/synth/asr/RESULTS.md)."""
+        first = states[0][index]
+        per_head = [first if k == 0 else states[k][index] if k < len(states) else self.project(k, first)
+                    for k in heads]
+        if self.kind == "linear":
+            return torch.stack([self.logits(decoder, k, s) for k, s in zip(heads, per_head)], -2)
+        return decoder.lm_head(torch.stack(per_head, -2))
 
     def logits(self, decoder: LlamaDecoder, head: int, state: Tensor) -> Tensor:
         """Logits of head `head` (0-based: 0 is the LM head) from its state."""
