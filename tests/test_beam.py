@@ -340,6 +340,36 @@ def test_decode_and_benchmark_commands(tmp_path):
         assert next(r for r in rows if r["method"] == name)["same_as_greedy"] == 1.0
 
 
+def test_benchmark_repeats_report_median_seconds(tmp_path):
+    """--repeats R runs the method list R times in turn; each row keeps its R timings and reports their median, and
+    the speed-up is the ratio of medians."""
+    import statistics
+
+    from train_fixtures import make_corpus
+
+    from mtp_asr.cli import main
+
+    corpus = make_corpus(tmp_path / "corpus", n_train=4, n_valid=3)
+    ckpt = speech_checkpoint(tmp_path / "exp" / "epoch-1.pt", corpus["tokenizer"])
+    bench = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["benchmark", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]),
+                                       "--batch-sizes", "1", "--device", "cpu", "--num-threads", "1",
+                                       "--repeats", "3", "--out-dir", str(bench)])
+    assert result.exit_code == 0, result.output
+    info = json.loads((bench / "benchmark.json").read_text())
+    assert info["repeats"] == 3
+    greedy = info["rows"][0]
+    for row in info["rows"]:
+        rounds = row["decoder_seconds_per_round"]
+        assert len(rounds) == 3 and min(rounds) > 0
+        assert row["decoder_seconds"] == pytest.approx(statistics.median(rounds), abs=1e-4)
+        assert row["speedup_seconds"] == pytest.approx(greedy["decoder_seconds"] / row["decoder_seconds"], rel=1e-2)
+    assert "median of 3 rounds" in (bench / "benchmark.md").read_text()
+    refused = CliRunner().invoke(main, ["benchmark", "--checkpoint", str(ckpt), "--cuts", str(corpus["valid"]),
+                                        "--repeats", "0", "--out-dir", str(bench)])
+    assert refused.exit_code != 0 and "--repeats" in refused.output
+
+
 def test_sweep_plot_reuses_a_fresh_greedy_summary(tmp_path, monkeypatch):
     """A threshold sweep's plot takes greedy's point from the summary `decode` wrote beside it when that summary is
     newer than the checkpoint, and decodes greedy again otherwise."""

@@ -141,10 +141,13 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
               help="Also run mtp-verify and ctc-verify with this draft tree (widths, e.g. 3,2,1, or rank paths as "
                    "`mtp-asr draft-tree` prints them); "
                    "repeatable.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run every method this many times, in turn, and report each one's median seconds (a steadier "
+                   "speed-up on a shared machine).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  decoder_threads, beam_size, max_drafts, draft_trees, out_dir):
+                  decoder_threads, beam_size, max_drafts, draft_trees, repeats, out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
@@ -166,7 +169,7 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
                   beam_size=beam_size, max_drafts=list(max_drafts) or [32], draft_trees=draft_trees,
-                  decoder_threads=decoder_threads)
+                  decoder_threads=decoder_threads, repeats=repeats)
 
 
 @main.command("draft-tree")

@@ -3,6 +3,7 @@ import json
 import logging
 import platform
 import re
+import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -139,12 +140,16 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
 def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Sequence[int], thresholds: Sequence[float],
                   out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0,
                   beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,),
-                  draft_trees: Sequence[str] = (), decoder_threads: int = 1) -> list:
+                  draft_trees: Sequence[str] = (), decoder_threads: int = 1, repeats: int = 1) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
     greedy run; `mtp-verify` and `ctc-verify` (for a model with a CTC head, at every draft length in `max_drafts`)
     with a chain of head drafts and with each of `draft_trees`; `beam` and
-    `mtp-beam` (at every threshold) too when a beam size is given. Writes benchmark.json and benchmark.md; returns
-    the rows."""
+    `mtp-beam` (at every threshold) too when a beam size is given. With `repeats` > 1 the whole list of methods runs
+    that many times in turn and each method's seconds are the median over the rounds: on a shared machine whose
+    speed drifts by 10-20% within minutes, a drift then slows every method alike. Writes benchmark.json and
+    benchmark.md; returns the rows."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1 (got {repeats})")
     dev = pick_device(device)
     model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
     cuts = eval_cuts(manifest)
@@ -165,14 +170,25 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
         decode_cuts(model, tokenizer, warm, settings, max(batch_sizes), desc="warm-up")
     rows = []
     for bs in batch_sizes:
+        runs = [[] for _ in methods]  # each method's DecodeResult per round
+        for round_ in range(repeats):
+            for settings, results in zip(methods, runs):
+                desc = f"benchmark bs={bs}" + (f" round {round_ + 1}/{repeats}" if repeats > 1 else "")
+                res = decode_cuts(model, tokenizer, cuts, settings, bs, desc=desc)
+                check_decoded(res, manifest, len(cuts))
+                results.append(res)
         base = None
-        for settings in methods:
-            res = decode_cuts(model, tokenizer, cuts, settings, bs, desc=f"benchmark bs={bs}")
-            check_decoded(res, manifest, len(cuts))
+        for settings, results in zip(methods, runs):
+            res = results[0]
             s = res.summary()
+            encoder_s = statistics.median(r.encoder_seconds for r in results)
+            decoder_s = statistics.median(r.decoder_seconds for r in results)
             row = {"batch_size": bs, "method": settings.label(), "wer": round(compute_error_stats(res.results).wer, 3),
                    **{k: s[k] for k in ("num_utts", "num_tokens", "num_decoder_calls", "num_batch_calls",
-                                        "tokens_per_call", "encoder_seconds", "decoder_seconds", "rtf")}}
+                                        "tokens_per_call")},
+                   "encoder_seconds": round(encoder_s, 4), "decoder_seconds": round(decoder_s, 4),
+                   "decoder_seconds_per_round": [round(r.decoder_seconds, 4) for r in results],
+                   "rtf": round((encoder_s + decoder_s) / max(res.audio_seconds, 1e-9), 5)}
             if base is None:
                 base = row
                 base_tokens = res.tokens
@@ -186,12 +202,14 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
         device_text += f", decoder loop on {decoder_threads} thread{'s' if decoder_threads > 1 else ''}"
     info = {"checkpoint": str(checkpoint), "avg": avg, "cuts": str(manifest), "device": device_text,
             "torch": torch.__version__, "num_threads": torch.get_num_threads(), "decoder_threads": decoder_threads,
-            "rows": rows}
+            "repeats": repeats, "rows": rows}
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "benchmark.json", json.dumps(info, indent=2) + "\n")
     table = benchmark_table(rows)
-    atomic_write_text(out_dir / "benchmark.md", f"Device: {info['device']}, torch {torch.__version__}\n\n{table}\n")
-    print(f"Device: {info['device']}\n{table}")
+    timing = f"; seconds: median of {repeats} rounds" if repeats > 1 else ""
+    atomic_write_text(out_dir / "benchmark.md",
+                      f"Device: {info['device']}, torch {torch.__version__}{timing}\n\n{table}\n")
+    print(f"Device: {info['device']}{timing}\n{table}")
     return rows
 
 
