@@ -348,8 +348,8 @@ import numpy as np, soundfile as sf
 
 calls = []
 
-def make_corpus(out_dir, hours, seed=0, jobs=2, engines=None):
-    calls.append(dict(out_dir=Path(out_dir), hours=hours, seed=seed, jobs=jobs, engines=engines))
+def make_corpus(out_dir, hours, seed=0, jobs=2, engines=None, **options):
+    calls.append(dict(out_dir=Path(out_dir), hours=hours, seed=seed, jobs=jobs, engines=engines, **options))
     for split in ("train", "dev", "test", "test_unseen_voice"):
         d = Path(out_dir) / split
         d.mkdir(parents=True)
@@ -363,7 +363,8 @@ def make_corpus(out_dir, hours, seed=0, jobs=2, engines=None):
 '''
 
 
-def test_prepare_synth_runs_generator_then_kaldi_preparation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("words", [None, 1200])
+def test_prepare_synth_runs_generator_then_kaldi_preparation(tmp_path, monkeypatch, words):
     generator = tmp_path / "local" / "synth" / "make_corpus.py"
     generator.parent.mkdir(parents=True)
     generator.write_text(FAKE_GENERATOR)
@@ -379,10 +380,13 @@ def test_prepare_synth_runs_generator_then_kaldi_preparation(tmp_path, monkeypat
     out = tmp_path / "synth"
     result = CliRunner().invoke(
         main, ["prepare", "synth", str(out), "--hours", "0.01", "--seed", "7", "-j", "1", "--engines", "espeak,flite"]
+        + (["--words", str(words)] if words else [])
     )
     assert result.exit_code == 0, result.output
     calls = loaded[0].__globals__["calls"]
-    assert calls == [dict(out_dir=out / "corpus", hours=0.01, seed=7, jobs=1, engines=["espeak", "flite"])]
+    # Without --words the generator keeps its own default vocabulary size.
+    vocab = {"vocab_size": words} if words else {}
+    assert calls == [dict(out_dir=out / "corpus", hours=0.01, seed=7, jobs=1, engines=["espeak", "flite"], **vocab)]
     for split in synth.SPLITS:
         (cut,) = load_manifest(out / f"cuts_{split}.jsonl.gz")
         assert cut.supervisions[0].text == "WORDS OF " + split.upper().replace("_", " ")

@@ -69,8 +69,10 @@ def prepare_kaldi_cmd(data_dir, out_dir, split, jobs):
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (voices, sentences, effects).")
 @jobs_option
 @click.option("--engines", callback=comma_list, help="Comma-separated TTS engines to use [default: the generator's].")
+@click.option("--words", type=click.IntRange(min=10),
+              help="Vocabulary: sentences may use only the N most frequent words [default: the generator's, 800].")
 @library_call
-def prepare_synth_cmd(out_dir, hours, seed, jobs, engines):
+def prepare_synth_cmd(out_dir, hours, seed, jobs, engines, words):
     """The demo corpus: text-to-speech from several offline engines, held-out voices for test_unseen_voice.
 
     Generates Kaldi data dirs under OUT_DIR/corpus/{train,dev,test,test_unseen_voice} (with stats.json and
@@ -78,7 +80,7 @@ def prepare_synth_cmd(out_dir, hours, seed, jobs, engines):
     """
     from mtp_asr.data.synth import prepare_synth
 
-    prepare_synth(out_dir, hours, seed=seed, jobs=jobs, engines=engines)
+    prepare_synth(out_dir, hours, seed=seed, jobs=jobs, engines=engines, words=words)
 
 
 @main.command("compute-fbank")

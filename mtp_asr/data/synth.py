@@ -36,16 +36,19 @@ def load_generator() -> Callable[..., dict]:
 
 
 def prepare_synth(
-    out_dir, hours: float, seed: int = 0, jobs: int = 2, engines: Optional[Sequence[str]] = None
+    out_dir, hours: float, seed: int = 0, jobs: int = 2, engines: Optional[Sequence[str]] = None,
+    words: Optional[int] = None,
 ) -> Dict[str, Path]:
-    """Generate OUT_DIR/corpus (Kaldi data dirs per split) and write OUT_DIR/cuts_<split>.jsonl.gz for each."""
+    """Generate OUT_DIR/corpus (Kaldi data dirs per split) and write OUT_DIR/cuts_<split>.jsonl.gz for each.
+    `words`: the sentences' vocabulary, the most frequent N words (None: the generator's default)."""
     if hours <= 0:
         raise PreparationError(f"--hours must be positive (got {hours})")
     out_dir = Path(out_dir)
     corpus = out_dir / "corpus"
     make_corpus = load_generator()
     logger.info("generating %.3f h of synthetic speech (seed %d, %d jobs) in %s", hours, seed, jobs, corpus)
-    stats = make_corpus(corpus, hours, seed=seed, jobs=jobs, engines=list(engines) if engines else None)
+    vocab = {"vocab_size": words} if words else {}
+    stats = make_corpus(corpus, hours, seed=seed, jobs=jobs, engines=list(engines) if engines else None, **vocab)
     logger.info("generator stats: %s", stats)
     present = [s for s in SPLITS if (corpus / s / "wav.scp").is_file()]
     if not present:

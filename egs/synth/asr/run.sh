@@ -8,6 +8,7 @@ stage=0
 stop_stage=100
 quick=false        # true: a tiny corpus and tiny models, every stage in a few minutes (CI runs this)
 hours=8.0          # audio to synthesise (all splits)
+words=800          # the corpus' vocabulary: sentences use only the N most frequent words of the text sources
 seed=0
 nj=2               # parallel jobs for corpus generation and features
 engines=espeak,flite,festival,hibari
@@ -56,6 +57,7 @@ record the options: to redo a stage with other options, remove its marker and th
 Options (default):
   --quick ($quick)            tiny corpus and models (CI)
   --hours ($hours)            hours of synthetic audio
+  --words ($words)             the corpus' vocabulary (most frequent words of the sentence sources)
   --seed ($seed)  --nj ($nj)  --engines ($engines)
   --token-type ($token_type)  --vocab-size ($vocab_size)
   --ctc-token-type (\"$ctc_token_type\": the decoder's tokens)  --ctc-vocab-size ($ctc_vocab_size)
@@ -116,7 +118,8 @@ if should_run 0 install; then
 fi
 
 if should_run 1 corpus; then
-  mtp-asr prepare synth data/manifests --hours "$hours" --seed "$seed" --jobs "$nj" --engines "$engines"
+  mtp-asr prepare synth data/manifests --hours "$hours" --words "$words" --seed "$seed" --jobs "$nj" \
+    --engines "$engines"
   mark_done corpus
 fi
 
