@@ -35,7 +35,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$venv/bin/python" ] || { log "creating venv $venv"; "$python" -m venv "$venv"; }
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"
-log "installing torch and torchaudio (a few minutes the first time, 6 GB; $(df -h --output=avail "$venv" | tail -n 1 | tr -d ' ') free)"
+free=$(df -h --output=avail "$venv" | tail -n 1 | tr -d ' ')
+log "installing torch and torchaudio (a few minutes the first time, 6 GB; $free free)"
 # torch first: with a capped pip this takes the release on the machine's disk instead of a download.
 $pip install 'torch>=2.4' 'torchaudio>=2.4'
 log "installing mtp_asr (editable) with the dev and demo extras"
