@@ -103,22 +103,21 @@ def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_head
         best = None
         for drafts in paths:
             seq = torch.cat([prompt, lm.embed(torch.tensor(out + drafts, dtype=torch.long)).to(prompt.dtype)])
-            states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]))
+            states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]), torch.zeros(1, len(seq), dtype=torch.long))
             head1 = lm.heads.logits(lm.decoder, 0, states[0][0, first:]).argmax(-1).tolist()
             accepted = 0
             while accepted < len(drafts) and drafts[accepted] == head1[accepted]:
                 accepted += 1
             if best is None or accepted > best[0]:
-                best = accepted, drafts, head1, states
-        accepted, drafts, head1, states = best
+                best = accepted, drafts, head1, seq
+        accepted, drafts, head1, seq = best
         new = drafts[:accepted] + [head1[accepted]]
         last = first + accepted
-        extra = [lm.heads.logits(lm.decoder, k, states[k][0, last]) for k in range(1, K)]
+        extra = extra_head_logits(lm, seq, prompt.shape[0], last, new[-1], K)
         paths = [[]]
         if method == "mtp-verify" and tree:
-            nodes = tree_paths(tree, K)
-            top = [e.topk(1 + max(max(p) for p in nodes)).indices.tolist() for e in extra]
-            paths = [[top[j][r] for j, r in enumerate(node)] for node in nodes]
+            paths = [extra_head_logits(lm, seq, prompt.shape[0], last, new[-1], K, ranks)
+                     for ranks in tree_paths(tree, K)]
         elif method == "mtp-verify":
             paths = [[int(e.argmax()) for e in extra]]
         elif method == "mtp-threshold":
@@ -133,6 +132,25 @@ def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_head
             out.append(tok)
             if len(out) >= limit:
                 return out, calls, False
+
+
+def extra_head_logits(lm: MTPLanguageModel, seq: Tensor, prompt_len: int, last: int, chosen: int, K: int,
+                      ranks=None) -> list:
+    """Heads 2..K's logits at position `last` of a cache-free pass over `seq` (T, dim), the token after it being
+    `chosen`. Hydra heads are conditioned on the token before theirs, given here by teacher forcing as training
+    gives it: head 1's label at `last` is `chosen`, at last + k - 1 head k's argmax, one pass per head. With `ranks`
+    (a draft tree's rank path), head k's candidate of rank ranks[k-2] instead, and the path's tokens are returned."""
+    seq = torch.cat([seq, seq.new_zeros(K, seq.shape[1])])  # room for the labels past the end (causal: no effect)
+    labels = torch.zeros(1, len(seq), dtype=torch.long)
+    labels[0, last] = chosen
+    out, path = [], []
+    for k in range(1, 1 + (len(ranks) if ranks is not None else K - 1)):
+        states = lm.trunk(seq[None], torch.tensor([prompt_len]), labels)
+        out.append(lm.heads.logits(lm.decoder, k, states[k][0, last]))
+        rank = ranks[k - 1] if ranks is not None else 0
+        path.append(int(out[-1].topk(rank + 1).indices[rank]) if rank else int(out[-1].argmax()))
+        labels[0, last + k] = path[-1]
+    return path if ranks is not None else out
 
 
 def count_params(module: nn.Module) -> int:

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from model_fixtures import (  # noqa: F401
-    EOS, counting_firsts, counting_task, random_batch, random_prompts, single_thread, tiny_lm, tiny_speech_llama,
-    speech_checkpoint, trained_counting_lm,
+    EOS, counting_firsts, counting_task, extra_head_logits, random_batch, random_prompts, single_thread, tiny_lm,
+    tiny_speech_llama, speech_checkpoint, trained_counting_lm,
 )
 from mtp_asr.decode.beam import beam_search
 from mtp_asr.decode.generate import generate
@@ -47,16 +47,17 @@ def reference_beam(lm, prompt, num_heads, threshold, beam_size, limit, length_no
         pool = list(kept)
         for tokens, scored in live:
             seq = torch.cat([prompt, lm.embed(torch.tensor(tokens, dtype=torch.long)).to(prompt.dtype)])
-            states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]))
-            logits = [lm.heads.logits(lm.decoder, k, states[k][0, -1]) for k in range(K)]
-            tail = []
-            for k in range(1, K):
-                tok = int(logits[k].argmax())
-                if torch.softmax(logits[k].float(), -1)[tok] < threshold:
-                    break
-                tail.append((tok, float(torch.log_softmax(logits[k], -1)[tok]), k + 1))
-            top = torch.log_softmax(logits[0], -1).topk(min(beam_size, V))
+            states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]), torch.zeros(1, len(seq), dtype=torch.long))
+            top = torch.log_softmax(lm.heads.logits(lm.decoder, 0, states[0][0, -1]), -1).topk(min(beam_size, V))
             for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
+                # Heads 2..K after this head-1 candidate (hydra heads depend on it; the other kinds give every
+                # candidate the same tail).
+                tail = []
+                for k, logits in enumerate(extra_head_logits(lm, seq, prompt.shape[0], len(seq) - 1, tok, K), 1):
+                    t = int(logits.argmax())
+                    if torch.softmax(logits.float(), -1)[t] < threshold:
+                        break
+                    tail.append((t, float(torch.log_softmax(logits, -1)[t]), k + 1))
                 new, new_scored, ended, finished = list(tokens), list(scored), False, False
                 for t, lp_t, head in [(tok, lp, 1)] + tail:
                     new_scored.append((lp_t, head, len(tokens)))
@@ -148,10 +149,13 @@ def teacher_forced(lm, prompt, tokens, finished):
     """Per head k (0-based), the log-probabilities at every position of `[prompt] tokens`: row j is the state after
     j transcript tokens. Also returns the scored sequence (tokens, then EOS when finished)."""
     seq = torch.cat([prompt, lm.embed(torch.tensor(tokens, dtype=torch.long)).to(prompt.dtype)])
-    states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]))
     first = prompt.shape[0] - 1
+    scored = list(tokens) + ([lm.eos_id] if finished else [])
+    labels = torch.zeros(1, len(seq), dtype=torch.long)  # head 1's targets: what hydra heads are conditioned on
+    labels[0, first: first + len(scored)] = torch.tensor(scored, dtype=torch.long)
+    states = lm.trunk(seq[None], torch.tensor([prompt.shape[0]]), labels)
     logps = [torch.log_softmax(lm.heads.logits(lm.decoder, k, states[k][0, first:]), -1) for k in range(len(states))]
-    return logps, list(tokens) + ([lm.eos_id] if finished else [])
+    return logps, scored
 
 
 @pytest.mark.parametrize("length_norm", [0.0, 1.0])

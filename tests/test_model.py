@@ -56,7 +56,8 @@ def test_head_shapes_and_parameter_count(kind):
     lm = tiny_lm(kind, num_heads=3, vocab=20, dim=16, n_heads=4, n_kv_heads=2, randomize=False)
     cfg = lm.decoder.cfg
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    states = lm.heads.states(lm.decoder, lm.decoder(x))
+    labels = torch.randint(0, 20, (2, 5))  # what hydra heads are conditioned on; the other kinds ignore them
+    states = lm.heads.states(lm.decoder, lm.decoder(x), labels=labels)
     assert len(states) == 3
     for k, s in enumerate(states):
         assert s.shape == (2, 5, 16)
@@ -68,7 +69,7 @@ def test_head_shapes_and_parameter_count(kind):
     assert count_params(one.heads) == 0 == extra_head_params(kind, 1, 16, 16, 32, 8)
 
 
-@pytest.mark.parametrize("kind", HEAD_KINDS)
+@pytest.mark.parametrize("kind", [k for k in HEAD_KINDS if k != "hydra"])
 @pytest.mark.parametrize("lazy", [False, True])
 def test_logits_at_equals_each_heads_logits(kind, lazy):
     lm = tiny_lm(kind, num_heads=4, vocab=20)  # randomised heads: each head's logits differ from the others'
@@ -84,7 +85,29 @@ def test_logits_at_equals_each_heads_logits(kind, lazy):
             torch.testing.assert_close(got[:, j], want, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["linear", "latent", "medusa"])
+def test_hydra_logits_at_follows_the_chain_that_training_conditions_on():
+    """Decoding runs hydra heads one after another (head 2 given the chosen token, each later head given the argmax
+    before it); the teacher-forced states given those same tokens as labels must give the same logits."""
+    lm = tiny_lm("hydra", num_heads=4, vocab=20)
+    hidden = lm.decoder(torch.randn(1, 9, 16, dtype=torch.float64))
+    lazy = lm.heads.states(lm.decoder, hidden, lazy=True)
+    u, chosen = 3, torch.tensor([7])
+    got = lm.heads.logits_at(lm.decoder, lazy, (torch.tensor([0]), torch.tensor([u])), range(1, 4), chosen)
+    chain = [7] + got[0, :2].argmax(-1).tolist()
+    labels = torch.randint(0, 20, (1, 9))
+    labels[0, u: u + 3] = torch.tensor(chain)  # head 1's targets at u, u+1, u+2: what heads 2, 3, 4 are given
+    full = lm.heads.states(lm.decoder, hidden, labels=labels)
+    for k in range(1, 4):
+        want = lm.heads.logits(lm.decoder, k, full[k][0, u])
+        torch.testing.assert_close(got[0, k - 1], want, rtol=0, atol=1e-12)
+    other = lm.heads.logits_at(lm.decoder, lazy, (torch.tensor([0]), torch.tensor([u])), range(1, 4),
+                               torch.tensor([8]))
+    assert not torch.allclose(other[0, 0], got[0, 0])  # head 2 does depend on the token chosen before it
+    with pytest.raises(ValueError, match="labels"):
+        lm.heads.states(lm.decoder, hidden)
+
+
+@pytest.mark.parametrize("kind", ["linear", "latent", "medusa", "hydra"])
 def test_heads_start_as_the_lm_head(kind):
     lm = tiny_lm(kind, num_heads=4, randomize=False)
     with torch.no_grad():  # a trunk off its init (the LM head kept: linear heads copied it), so logits are not tiny
@@ -92,7 +115,7 @@ def test_heads_start_as_the_lm_head(kind):
             if not name.startswith("lm_head"):
                 p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(2, 7, 16, dtype=torch.float64)
-    states = lm.heads.states(lm.decoder, lm.decoder(x))
+    states = lm.heads.states(lm.decoder, lm.decoder(x), labels=torch.randint(0, 16, (2, 7)))
     lm_logits = lm.decoder.lm_head(lm.decoder.norm(lm.decoder(x)))
     for k in range(4):
         torch.testing.assert_close(lm.heads.logits(lm.decoder, k, states[k]), lm_logits, rtol=0, atol=1e-12)
@@ -130,13 +153,18 @@ def test_heads_config_errors():
 def full_states(lm, seq):
     """All heads' states of one row's full causal forward (no cache): list of (T, d)."""
     hidden = lm.decoder(seq[None])
-    return [s[0] for s in lm.heads.states(lm.decoder, hidden)]
+    return [s[0] for s in lm.heads.states(lm.decoder, hidden, labels=_no_labels(hidden))]
 
 
 def cached_call(lm, cache, block):
     geometry = cache.call_geometry(block.shape[1])
     hidden = lm.decoder(block, cache, geometry)
-    return lm.heads.states(lm.decoder, hidden, cache, geometry)
+    return lm.heads.states(lm.decoder, hidden, cache, geometry, labels=_no_labels(hidden))
+
+
+def _no_labels(hidden):
+    """Token 0 as every label: hydra heads' conditioning, the same in the cached and the full pass."""
+    return torch.zeros(hidden.shape[:2], dtype=torch.long)
 
 
 def assert_states_close(got, want):
@@ -380,9 +408,10 @@ def test_head_weights_follow_the_formula(kind, rate):
 
     enc = model.encode(feats, lens)
     prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
-    x, _ = model.lm.append_tokens(prefix, prefix_lens, tokens)
+    x, labels = model.lm.append_tokens(prefix, prefix_lens, tokens)
     positions = rotary_positions(torch.arange(x.shape[1]).expand(len(tokens), -1), prefix_lens, rate)
-    states = model.lm.heads.states(model.lm.decoder, model.lm.decoder(x, positions=positions), positions=positions)
+    states = model.lm.heads.states(model.lm.decoder, model.lm.decoder(x, positions=positions), positions=positions,
+                                   labels=labels)
     want = 0.0
     for k in range(3):
         ces = []

@@ -116,7 +116,7 @@ def test_model_info_of_the_demo_config():
                                        str(conf / "lm.yaml"), "--vocab-size", "30"])
     assert result.exit_code == 0, result.output
     rows = {line.split("|")[1].strip(): line for line in result.output.splitlines()[2:]}
-    assert set(rows) == {"linear", "latent", "medusa", "layer"}
+    assert set(rows) == {"linear", "latent", "medusa", "layer", "hydra"}
     latent_heads = float(rows["latent"].split("|")[6].strip().rstrip("M"))
     assert latent_heads == round(extra_head_params("latent", 4, 192, 30) / 1e6, 2)
 

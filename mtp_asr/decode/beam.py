@@ -12,7 +12,8 @@ reads all K heads at the block's last position, the state after the hypothesis' 
 - head 1 proposes its B best tokens (B = beam size);
 - each is extended with heads 2..K's argmax tokens while every earlier one was taken and the head's probability is
   >= tau, as `mtp-threshold` does: the candidate block is the longest prefix of the heads' proposal that clears the
-  threshold (with B = 1 the search is exactly `mtp-threshold`);
+  threshold (with B = 1 the search is exactly `mtp-threshold`); `hydra` heads propose a tail per candidate, each
+  conditioned on that candidate's head-1 token, the other kinds one tail per hypothesis;
 - a block stops at EOS (the hypothesis is finished, EOS scored) or at the length limit (ended unfinished), in that
   order, exactly like `generate`.
 
@@ -29,8 +30,8 @@ hypotheses are the N-best list. A plain sum (length_norm 0) favours early EOS (f
 `mtp-beam`, hypotheses that took fewer tokens this call; with one head all live candidates of an utterance have the
 same length, so `beam` ranks them as the plain sum does whatever length_norm is.
 
-Merging: none is needed. A block is a function of its parent and its head-1 token (the tail is the parent's, cut by
-the same rule), so two blocks from one parent never start alike, and by induction from the prompt every token
+Merging: none is needed. A block is a function of its parent and its head-1 token (the tail is the parent's, or
+with `hydra` heads the candidate's, cut by the same rule), so two blocks from one parent never start alike, and by induction from the prompt every token
 sequence has exactly one derivation: two hypotheses never share a sequence (tests/test_beam.py checks this against a
 cache-free reference). Duplicates arise only when shorter prefixes of a block are candidates too; then max, not
 log-sum-exp, is the merge: the two scores estimate one probability under two factorisations, they are not disjoint
@@ -157,21 +158,27 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
         rows, last = torch.arange(len(live), device=device), n_pending - 1
         logits = lm.heads.logits(lm.decoder, 0, states[0][rows, last])
         top_lp, top_tok = _log_softmax(logits).topk(min(beam_size, vocab), dim=-1)
-        top_lp, top_tok = top_lp.tolist(), top_tok.tolist()
+        n_top = top_tok.shape[1]
         if K > 1:
-            extra_logits = lm.heads.logits_at(lm.decoder, states, (rows, last), range(1, K))  # (rows, K-1, V)
+            if lm.heads.conditional:  # one tail per head-1 candidate, each conditioned on that candidate
+                index = (rows.repeat_interleave(n_top), last.repeat_interleave(n_top))
+                extra_logits = lm.heads.logits_at(lm.decoder, states, index, range(1, K), top_tok.flatten())
+            else:  # one tail per row, shared by its candidates
+                extra_logits = lm.heads.logits_at(lm.decoder, states, (rows, last), range(1, K))  # (rows, K-1, V)
             extra = extra_logits.argmax(-1, keepdim=True)
             extra_lp = _log_softmax(extra_logits).gather(-1, extra)[..., 0].tolist()
             # The acceptance test exactly as mtp-threshold computes it, so beam size 1 reproduces it bit for bit.
             extra_p = torch.softmax(extra_logits.float(), -1).gather(-1, extra)[..., 0]
             run = (extra_p >= threshold).long().cumprod(dim=1).sum(dim=1).tolist()
             extra = extra[..., 0].tolist()
+        top_lp, top_tok = top_lp.tolist(), top_tok.tolist()
 
         candidates = {}  # utterance -> candidates, in row order
         for i, (hyp, u) in enumerate(zip(live, utt_of)):
-            tail = list(zip(extra[i][: run[i]], extra_lp[i][: run[i]])) if K > 1 else []
             out = candidates.setdefault(u, [])
-            for tok, lp in zip(top_tok[i], top_lp[i]):
+            for c, (tok, lp) in enumerate(zip(top_tok[i], top_lp[i])):
+                t = i * n_top + c if lm.heads.conditional else i
+                tail = list(zip(extra[t][: run[t]], extra_lp[t][: run[t]])) if K > 1 else []
                 cand = _extend(hyp, i, [(tok, lp)] + tail, eos, limits[u], length_norm)
                 if builders:
                     n = len(hyp.scores)

@@ -16,8 +16,8 @@ after all were accepted). What happens with heads 2..K at that position is the m
 - `greedy` (K = 1): nothing; one token per call.
 - `mtp-threshold`: head k's argmax is emitted too while every earlier one was and its probability >= tau; all the
   emitted tokens are fed (pending) in the next call. Lossy.
-- `mtp-verify`: heads 2..K give the next call's drafts (their top-w_k tokens with a draft tree). Output identical to
-  greedy.
+- `mtp-verify`: heads 2..K give the next call's drafts (their top-w_k tokens with a draft tree; `hydra` heads one
+  after another, each given the token before its own, from the correction on). Output identical to greedy.
 - `ctc-verify`: an external sequence per row (the encoder's CTC transcript, see `mtp_asr.decode.drafts`) drafts up to
   `max_draft` tokens per call, already in the prefill call, re-aligned to what was emitted after each rejection; the
   heads' drafts are verified beside it as another branch of the same tree, so a call keeps whichever source guessed
@@ -132,9 +132,11 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         cache.lengths += n_pending + accepted
 
         # Heads 2..K at the last kept position.
-        extra = extra_p = None
-        if K > 1 and (verify or method == "mtp-threshold"):
-            logits = lm.heads.logits_at(lm.decoder, states, (ar, last), range(1, K))  # (live, K-1, V)
+        extra = extra_p = drafted = None
+        if K > 1 and verify and lm.heads.conditional:  # each head given the token before it, node by node
+            drafted = lm.heads.tree_drafts(lm.decoder, states, (ar, last), correction, rank_paths)
+        elif K > 1 and (verify or method == "mtp-threshold"):
+            logits = lm.heads.logits_at(lm.decoder, states, (ar, last), range(1, K), correction)  # (live, K-1, V)
             if verify and top > 1:
                 extra = logits.topk(top, dim=-1).indices  # (live, K-1, top)
             else:
@@ -180,7 +182,9 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
                 aligners[r].advance(new)
                 external = aligners[r].continuation(min(max_draft, limits[r] - len(out[r])))
                 paths.append((external, [0] * len(external)))
-            if verify and extra_l:
+            if drafted:
+                paths += [(d, list(range(2, 2 + len(d)))) for d in drafted[i]]
+            elif verify and extra_l:
                 paths += head_paths(extra_l[i], rank_paths)
             next_trees.append(DraftTree.from_paths(paths))
         if not keep:

@@ -32,7 +32,7 @@ def rank_counts(lm, batches: list, max_rank: int = MAX_RANK) -> tuple[Counter, i
     """(count per rank path, number of roots) over cached teacher-forced batches (`distill.cache_trunk`)."""
     counts, roots = Counter(), 0
     for batch in batches:
-        states = lm.heads.states(lm.decoder, batch.hidden, positions=batch.positions)
+        states = lm.heads.states(lm.decoder, batch.hidden, positions=batch.positions, labels=batch.labels[0])
         rows, cols = (batch.labels[0] != IGNORE).nonzero(as_tuple=True)
         ranks = []
         for k in range(1, lm.num_heads):

@@ -10,6 +10,12 @@ The kinds differ in how heads 2..K turn the trunk state into logits (d = model w
 - `medusa`: a residual block h + SiLU(W_k h + b_k) per head (W_k starts at zero), then the shared un-embedding;
 - `layer`: one extra transformer layer per head on the trunk's last hidden state, its own final norm, then the
   shared un-embedding (Gloeckle et al. 2024); these layers keep KV-cache slots after the trunk's.
+- `hydra`: sequentially dependent heads (Hydra, Ankner et al. 2024): head k also sees the token head k-1 chose, as
+  A_k n + W_k SiLU(M_k [n; e]), n the final-normed trunk state, e the RMS-normalised embedding of that token; A_k
+  starts as the identity and W_k at zero, so every head starts as the `latent` one. Why: in blockwise decoding head 2
+  drafts token u+2 without knowing which token head 1 emits at u+1, and its drafts are rejected mostly where head 1
+  hesitates; conditioned on that token it needs no guess. Training feeds the reference tokens (teacher forcing),
+  decoding the chosen ones: head 1's at u+1, then each head's argmax (or a draft tree's node) for the next.
 
 A forward pass gives per-head states (what goes into each head's un-embedding) and logits are computed separately,
 so decoding can project only the positions it needs.
@@ -22,7 +28,7 @@ from torch import Tensor, nn
 
 from mtp_asr.model.llama import DecoderLayer, Geometry, KVCache, LlamaDecoder, RMSNorm, causal_geometry
 
-HEAD_KINDS = ("linear", "latent", "medusa", "layer")
+HEAD_KINDS = ("linear", "latent", "medusa", "layer", "hydra")
 
 
 @dataclass
@@ -62,6 +68,12 @@ class MTPHeads(nn.Module):
                 p.weight.data.copy_(decoder.lm_head.weight.data)
         elif self.kind == "latent":
             self.latent = nn.ParameterList(nn.Parameter(torch.eye(d)) for _ in range(extra))
+        elif self.kind == "hydra":
+            self.latent = nn.ParameterList(nn.Parameter(torch.eye(d)) for _ in range(extra))
+            self.mix = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(extra))
+            self.out = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(extra))
+            for o in self.out:
+                nn.init.zeros_(o.weight)
         elif self.kind == "medusa":
             self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(extra))
             for b in self.blocks:
@@ -75,19 +87,32 @@ class MTPHeads(nn.Module):
                 norm.load_state_dict(decoder.norm.state_dict())
 
     @property
+    def conditional(self) -> bool:
+        """Whether head k's state depends on the token chosen before it (head k-1's), not on the trunk alone."""
+        return self.kind == "hydra"
+
+    @property
     def num_cache_layers(self) -> int:
         """KV-cache layers these heads need after the trunk's."""
         return self.num_heads - 1 if self.kind == "layer" else 0
 
     def states(self, decoder: LlamaDecoder, hidden: Tensor, cache: Optional[KVCache] = None,
-               geometry: Optional[Geometry] = None, positions: Optional[Tensor] = None, lazy: bool = False) -> list:
+               geometry: Optional[Geometry] = None, positions: Optional[Tensor] = None, lazy: bool = False,
+               labels: Optional[Tensor] = None) -> list:
         """Per-head inputs to the un-embedding, [head 1, ..., head K], each (B, T, d), from the trunk output `hidden`
         (before the final norm). For `layer` heads with a cache, `geometry` must be the call's geometry; without
         one, `positions` are the rotary positions the trunk used (default 0..T-1). lazy: head 1's alone where the
-        others are a function of it (every kind but `layer`), for `logits_at` to project only where needed."""
+        others are a function of it (every kind but `layer`), for `logits_at` to project only where needed.
+        labels (B, T): head 1's targets (IGNORE where none), which `hydra` heads need when not lazy: head k at
+        position u is given head 1's target at u+k-2, the token before its own target (teacher forcing)."""
         normed = decoder.norm(hidden)
         if self.kind != "layer":
-            return [normed] if lazy else [normed] + [self.project(k, normed) for k in range(1, self.num_heads)]
+            if lazy or self.num_heads == 1:
+                return [normed]
+            if self.conditional and labels is None:
+                raise ValueError("hydra heads need the labels (the tokens their states are conditioned on)")
+            prev = [_shifted(labels, k - 1) if self.conditional else None for k in range(1, self.num_heads)]
+            return [normed] + [self.project(decoder, k, normed, p) for k, p in zip(range(1, self.num_heads), prev)]
         out = [normed]
         if self.num_heads > 1:
             if cache is None:
@@ -97,24 +122,60 @@ class MTPHeads(nn.Module):
                 out.append(norm(layer(hidden, decoder.rotary, geometry, cache, base + j)))
         return out
 
-    def project(self, head: int, normed: Tensor) -> Tensor:
-        """State of head `head` (0-based, >= 1; not for `layer` heads) from the final-normed trunk state."""
+    def project(self, decoder: LlamaDecoder, head: int, normed: Tensor, prev: Optional[Tensor] = None) -> Tensor:
+        """State of head `head` (0-based, >= 1; not for `layer` heads) from the final-normed trunk state; `hydra`
+        heads also from `prev`, the token ids (normed.shape[:-1]) chosen before their own."""
         if self.kind == "latent":
             return normed @ self.latent[head - 1].T
+        if self.kind == "hydra":
+            e = decoder.embed_tokens(prev)
+            e = nn.functional.rms_norm(e.to(normed.dtype), (e.shape[-1],))
+            mixed = nn.functional.silu(self.mix[head - 1](torch.cat([normed, e], -1)))
+            return normed @ self.latent[head - 1].T + self.out[head - 1](mixed)
         if self.kind == "medusa":
             return normed + nn.functional.silu(self.blocks[head - 1](normed))
         return normed  # linear: the head's own projection is in `logits`
 
-    def logits_at(self, decoder: LlamaDecoder, states: list, index: tuple, heads: range) -> Tensor:
+    def logits_at(self, decoder: LlamaDecoder, states: list, index: tuple, heads: range,
+                  chosen: Optional[Tensor] = None) -> Tensor:
         """Logits (N, len(heads), V) of heads `heads` (0-based) at positions `index` of `states` (lazy or not). The
         shared un-embedding runs once for all of them: at decoding's few rows one product of 3 rows costs less than 3
-        of one (about 40-60 us less per call at batch 1 on the demo's CPU, within the noise of a whole decode)."""
+        of one (about 40-60 us less per call at batch 1 on the demo's CPU, within the noise of a whole decode).
+        `hydra` heads 1.. (a range from 1) run one after another: head 2 given `chosen` (N,), the token emitted after
+        position `index` (head 1's choice), each later head given the argmax of the one before."""
         first = states[0][index]
-        per_head = [first if k == 0 else states[k][index] if k < len(states) else self.project(k, first)
+        if self.conditional and len(heads) and heads[0] > 0:
+            if heads[0] != 1 or chosen is None:
+                raise ValueError("hydra heads run in order from head 2 and need the token chosen before it")
+            out, prev = [], chosen
+            for k in heads:
+                out.append(decoder.lm_head(self.project(decoder, k, first, prev)))
+                prev = out[-1].argmax(-1)
+            return torch.stack(out, -2)
+        per_head = [first if k == 0 else states[k][index] if k < len(states) else self.project(decoder, k, first)
                     for k in heads]
         if self.kind == "linear":
             return torch.stack([self.logits(decoder, k, s) for k, s in zip(heads, per_head)], -2)
         return decoder.lm_head(torch.stack(per_head, -2))
+
+    def tree_drafts(self, decoder: LlamaDecoder, states: list, index: tuple, chosen: Tensor, rank_paths) -> list:
+        """`hydra` heads' drafts along each rank path (`mtp_asr.decode.tree_spec`) at positions `index`: per row, one
+        token list per path, its k-th token head k+1's candidate of that rank given the path's token before it (the
+        first given `chosen`). Heads run depth by depth, each once for all the nodes of its depth."""
+        first = states[0][index]
+        n = first.shape[0]
+        prefixes = sorted({p[:d] for p in rank_paths for d in range(1, len(p) + 1)})
+        node = {(): chosen}  # rank prefix -> (n,) tokens
+        for depth in range(1, max(map(len, prefixes), default=0) + 1):
+            level = [p for p in prefixes if len(p) == depth]
+            parents = sorted({p[:-1] for p in level})
+            prev = torch.cat([node[p] for p in parents])
+            logits = decoder.lm_head(self.project(decoder, depth, first.repeat(len(parents), 1), prev))
+            top = logits.topk(1 + max(p[-1] for p in level), dim=-1).indices.view(len(parents), n, -1)
+            for p in level:
+                node[p] = top[parents.index(p[:-1]), :, p[-1]]
+        rows = {p: t.tolist() for p, t in node.items() if p}
+        return [[[rows[p[:i + 1]][r] for i in range(len(p))] for p in rank_paths] for r in range(n)]
 
     def logits(self, decoder: LlamaDecoder, head: int, state: Tensor) -> Tensor:
         """Logits of head `head` (0-based: 0 is the LM head) from its state."""
@@ -130,7 +191,15 @@ def extra_head_params(kind: str, num_heads: int, dim: int, vocab_size: int, ffn_
         "linear": d * V,
         "latent": d * d,
         "medusa": d * d + d,
+        "hydra": d * d + (2 * d * d + d) + d * d,
         # attention (q, o: d*d; k, v: d*kv_dim), SwiGLU (3*d*ffn), two layer norms and the head's final norm
         "layer": 2 * d * d + 2 * d * kv_dim + 3 * d * ffn_dim + 3 * d,
     }[kind]
     return (num_heads - 1) * per_head
+
+
+def _shifted(labels: Tensor, shift: int) -> Tensor:
+    """labels[:, u + shift] at u (0 past the end and where there is no label: any valid id; no target reads it)."""
+    out = torch.zeros_like(labels)
+    out[:, : labels.shape[1] - shift] = labels[:, shift:]
+    return out.clamp(min=0)

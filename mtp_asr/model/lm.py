@@ -71,10 +71,12 @@ class MTPLanguageModel(nn.Module):
         return self.decoder.new_cache(batch, max_len, self.heads.num_cache_layers, dtype, prefix_lens,
                                       self.prefix_rate)
 
-    def trunk(self, x: Tensor, prefix_lens: Tensor) -> list:
-        """All heads' states (see `MTPHeads.states`) of a causal pass without a cache over x (B, T, dim)."""
+    def trunk(self, x: Tensor, prefix_lens: Tensor, labels: Optional[Tensor] = None) -> list:
+        """All heads' states (see `MTPHeads.states`) of a causal pass without a cache over x (B, T, dim); `labels`,
+        head 1's targets, are what `hydra` heads are conditioned on."""
         positions = self.positions(prefix_lens, x.shape[1])
-        return self.heads.states(self.decoder, self.decoder(x, positions=positions), positions=positions)
+        return self.heads.states(self.decoder, self.decoder(x, positions=positions), positions=positions,
+                                 labels=labels)
 
     # ---- training losses --------------------------------------------------------------------------------------
     def append_tokens(self, prefix: Tensor, prefix_lens: Tensor, tokens: Sequence[Sequence[int]]
@@ -105,7 +107,7 @@ class MTPLanguageModel(nn.Module):
         """Weighted sum of the heads' mean cross-entropies on inputs x (prefixes of `prefix_lens` slots, then the
         transcripts) with head-1 labels; plus per-head sums."""
         weights = weights or self.head_weights
-        states = self.trunk(x, prefix_lens)
+        states = self.trunk(x, prefix_lens, labels)
         K = self.num_heads
         loss = x.new_zeros((), dtype=torch.float32)
         loss_sum, correct, count = (torch.zeros(K, device=x.device) for _ in range(3))
@@ -128,8 +130,8 @@ class MTPLanguageModel(nn.Module):
         of row r is `tokens[r][i]` (or EOS past the transcript) predicted by head `heads[r][i]` (1..K) from the state
         after the first `positions[r][i]` transcript tokens. Returns one (n_scored,) tensor per row, the way a beam
         search scored its hypotheses (see mtp_asr.decode.beam), so that MWER can train that very score."""
-        x, _ = self.append_tokens(prefix, prefix_lens, tokens)
-        states = self.trunk(x, prefix_lens)
+        x, labels = self.append_tokens(prefix, prefix_lens, tokens)
+        states = self.trunk(x, prefix_lens, labels)
         rows, cols, head_idx, targets = [], [], [], []
         for r, (toks, hs, js) in enumerate(zip(tokens, heads, positions)):
             for i, (h, j) in enumerate(zip(hs, js)):

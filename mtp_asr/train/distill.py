@@ -103,7 +103,7 @@ def cache_trunk(model: SpeechLlama, cuts, labels: dict, batch_size: int) -> list
 def _head_logits(lm, batch: CachedBatch) -> list:
     """Per head 2..K, at the positions that have a label: its logits (N_k, V), the greedy tokens (N_k,) and head 1's
     logits at the positions where head 1 chose those tokens (N_k, V: the soft targets)."""
-    states = lm.heads.states(lm.decoder, batch.hidden, positions=batch.positions)
+    states = lm.heads.states(lm.decoder, batch.hidden, positions=batch.positions, labels=batch.labels[0])
     out = []
     for k in range(1, lm.num_heads):
         rows, cols = (batch.labels[k] != IGNORE).nonzero(as_tuple=True)
