@@ -20,10 +20,12 @@ The kinds differ in how heads 2..K turn the trunk state into logits (d = model w
 A forward pass gives per-head states (what goes into each head's un-embedding) and logits are computed separately,
 so decoding can project only the positions it needs.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtp_asr.model.llama import DecoderLayer, Geometry, KVCache, LlamaDecoder, RMSNorm, causal_geometry
@@ -127,13 +129,14 @@ class MTPHeads(nn.Module):
         heads also from `prev`, the token ids (normed.shape[:-1]) chosen before their own."""
         if self.kind == "latent":
             return normed @ self.latent[head - 1].T
-        if self.kind == "hydra":
-            e = decoder.embed_tokens(prev)
-            e = nn.functional.rms_norm(e.to(normed.dtype), (e.shape[-1],))
-            mixed = nn.functional.silu(self.mix[head - 1](torch.cat([normed, e], -1)))
-            return normed @ self.latent[head - 1].T + self.out[head - 1](mixed)
+        if self.kind == "hydra":  # functional calls: at decoding's one row a module call costs more than its product
+            e = F.embedding(prev, decoder.embed_tokens.weight).to(normed.dtype)
+            e = F.rms_norm(e, (e.shape[-1],))
+            mix = self.mix[head - 1]
+            mixed = F.silu(F.linear(torch.cat([normed, e], -1), mix.weight, mix.bias))
+            return normed @ self.latent[head - 1].T + F.linear(mixed, self.out[head - 1].weight)
         if self.kind == "medusa":
-            return normed + nn.functional.silu(self.blocks[head - 1](normed))
+            return normed + F.silu(self.blocks[head - 1](normed))
         return normed  # linear: the head's own projection is in `logits`
 
     def logits_at(self, decoder: LlamaDecoder, states: list, index: tuple, heads: range,
@@ -149,7 +152,7 @@ class MTPHeads(nn.Module):
                 raise ValueError("hydra heads run in order from head 2 and need the token chosen before it")
             out, prev = [], chosen
             for k in heads:
-                out.append(decoder.lm_head(self.project(decoder, k, first, prev)))
+                out.append(F.linear(self.project(decoder, k, first, prev), decoder.lm_head.weight))
                 prev = out[-1].argmax(-1)
             return torch.stack(out, -2)
         per_head = [first if k == 0 else states[k][index] if k < len(states) else self.project(decoder, k, first)
@@ -164,18 +167,20 @@ class MTPHeads(nn.Module):
         first given `chosen`). Heads run depth by depth, each once for all the nodes of its depth."""
         first = states[0][index]
         n = first.shape[0]
-        prefixes = sorted({p[:d] for p in rank_paths for d in range(1, len(p) + 1)})
         node = {(): chosen}  # rank prefix -> (n,) tokens
-        for depth in range(1, max(map(len, prefixes), default=0) + 1):
-            level = [p for p in prefixes if len(p) == depth]
-            parents = sorted({p[:-1] for p in level})
-            prev = torch.cat([node[p] for p in parents])
-            logits = decoder.lm_head(self.project(decoder, depth, first.repeat(len(parents), 1), prev))
-            top = logits.topk(1 + max(p[-1] for p in level), dim=-1).indices.view(len(parents), n, -1)
-            for p in level:
-                node[p] = top[parents.index(p[:-1]), :, p[-1]]
-        rows = {p: t.tolist() for p, t in node.items() if p}
-        return [[[rows[p[:i + 1]][r] for i in range(len(p))] for p in rank_paths] for r in range(n)]
+        for depth, (level, parents, width) in enumerate(_tree_levels(tuple(rank_paths)), 1):
+            prev = torch.cat([node[p] for p in parents]) if len(parents) > 1 else node[parents[0]]
+            state = self.project(decoder, depth, first.repeat(len(parents), 1) if len(parents) > 1 else first, prev)
+            logits = F.linear(state, decoder.lm_head.weight)
+            top = (logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices)
+            top = top.view(len(parents), n, width)
+            for p, j in level:
+                node[p] = top[j, :, p[-1]]
+        del node[()]
+        keys = list(node)
+        flat = torch.stack([node[p] for p in keys], 1).tolist()  # (n, nodes): one transfer
+        where = {p: i for i, p in enumerate(keys)}
+        return [[[flat[r][where[p[:i + 1]]] for i in range(len(p))] for p in rank_paths] for r in range(n)]
 
     def logits(self, decoder: LlamaDecoder, head: int, state: Tensor) -> Tensor:
         """Logits of head `head` (0-based: 0 is the LM head) from its state."""
@@ -196,6 +201,19 @@ def extra_head_params(kind: str, num_heads: int, dim: int, vocab_size: int, ffn_
         "layer": 2 * d * d + 2 * d * kv_dim + 3 * d * ffn_dim + 3 * d,
     }[kind]
     return (num_heads - 1) * per_head
+
+
+@functools.lru_cache(maxsize=64)
+def _tree_levels(rank_paths: tuple) -> list:
+    """Per depth of a tree of rank paths: its nodes (each with its parent's index in the parents), the distinct
+    parents (rank prefixes one shorter), and the candidates needed per parent."""
+    prefixes = sorted({p[:d] for p in rank_paths for d in range(1, len(p) + 1)})
+    out = []
+    for depth in range(1, max(map(len, prefixes), default=0) + 1):
+        level = [p for p in prefixes if len(p) == depth]
+        parents = sorted({p[:-1] for p in level})
+        out.append(([(p, parents.index(p[:-1])) for p in level], parents, 1 + max(p[-1] for p in level)))
+    return out
 
 
 def _shifted(labels: Tensor, shift: int) -> Tensor:
