@@ -153,7 +153,7 @@ def export_cmd(checkpoint, out_dir, fmt):
 @click.option("--decoder-config", type=CONFIG, help="Take model.decoder from this LM config's `decoder` section.")
 @library_call
 def model_info_cmd(config_path, overrides, vocab_size, decoder_config):
-    """Parameter counts per component, for each MTP head kind (linear, latent, medusa, layer)."""
+    """Parameter counts per component, for each MTP head kind (linear, latent, medusa, layer, hydra)."""
     from mtp_asr.config import load_yaml
     from mtp_asr.model.info import markdown, parameter_table
 
