@@ -116,8 +116,7 @@ def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_head
         extra = extra_head_logits(lm, seq, prompt.shape[0], last, new[-1], K)
         paths = [[]]
         if method == "mtp-verify" and tree:
-            paths = [extra_head_logits(lm, seq, prompt.shape[0], last, new[-1], K, ranks)
-                     for ranks in tree_paths(tree, K)]
+            paths = [draft_path(lm, seq, prompt.shape[0], last, new[-1], ranks) for ranks in tree_paths(tree, K)]
         elif method == "mtp-verify":
             paths = [[int(e.argmax()) for e in extra]]
         elif method == "mtp-threshold":
@@ -134,23 +133,32 @@ def reference_decode(lm: MTPLanguageModel, prompt: Tensor, method: str, num_head
                 return out, calls, False
 
 
-def extra_head_logits(lm: MTPLanguageModel, seq: Tensor, prompt_len: int, last: int, chosen: int, K: int,
-                      ranks=None) -> list:
-    """Heads 2..K's logits at position `last` of a cache-free pass over `seq` (T, dim), the token after it being
-    `chosen`. Hydra heads are conditioned on the token before theirs, given here by teacher forcing as training
-    gives it: head 1's label at `last` is `chosen`, at last + k - 1 head k's argmax, one pass per head. With `ranks`
-    (a draft tree's rank path), head k's candidate of rank ranks[k-2] instead, and the path's tokens are returned."""
-    seq = torch.cat([seq, seq.new_zeros(K, seq.shape[1])])  # room for the labels past the end (causal: no effect)
+def _head_chain(lm: MTPLanguageModel, seq: Tensor, prompt_len: int, last: int, chosen: int, ranks) -> list:
+    """(logits, token) of heads 2, 3, ... at position `last` of a cache-free pass over `seq` (T, dim), the token after
+    it being `chosen`, head k taking its candidate of rank ranks[k-2]. Hydra heads are conditioned on the token
+    before theirs, given here by teacher forcing as training gives it: head 1's label at `last` is `chosen`, at
+    last + k - 1 head k's token, one pass per head."""
+    seq = torch.cat([seq, seq.new_zeros(len(ranks) + 1, seq.shape[1])])  # room for labels past the end (causal)
     labels = torch.zeros(1, len(seq), dtype=torch.long)
     labels[0, last] = chosen
-    out, path = [], []
-    for k in range(1, 1 + (len(ranks) if ranks is not None else K - 1)):
+    out = []
+    for k, rank in enumerate(ranks, 1):
         states = lm.trunk(seq[None], torch.tensor([prompt_len]), labels)
-        out.append(lm.heads.logits(lm.decoder, k, states[k][0, last]))
-        rank = ranks[k - 1] if ranks is not None else 0
-        path.append(int(out[-1].topk(rank + 1).indices[rank]) if rank else int(out[-1].argmax()))
-        labels[0, last + k] = path[-1]
-    return path if ranks is not None else out
+        logits = lm.heads.logits(lm.decoder, k, states[k][0, last])
+        token = int(logits.topk(rank + 1).indices[rank]) if rank else int(logits.argmax())
+        labels[0, last + k] = token
+        out.append((logits, token))
+    return out
+
+
+def extra_head_logits(lm: MTPLanguageModel, seq: Tensor, prompt_len: int, last: int, chosen: int, K: int) -> list:
+    """Heads 2..K's logits at `last` (see `_head_chain`), each later hydra head given the argmax before it."""
+    return [logits for logits, _ in _head_chain(lm, seq, prompt_len, last, chosen, [0] * (K - 1))]
+
+
+def draft_path(lm: MTPLanguageModel, seq: Tensor, prompt_len: int, last: int, chosen: int, ranks) -> list:
+    """The tokens of a draft tree's rank path at `last` (see `_head_chain`)."""
+    return [token for _, token in _head_chain(lm, seq, prompt_len, last, chosen, ranks)]
 
 
 def count_params(module: nn.Module) -> int:

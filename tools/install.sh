@@ -35,8 +35,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$venv/bin/python" ] || { log "creating venv $venv"; "$python" -m venv "$venv"; }
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"
-free=$(df -h --output=avail "$venv" | tail -n 1 | tr -d ' ')
-log "installing torch and torchaudio (a few minutes the first time, 6 GB; $free free)"
+log "installing torch and torchaudio (a few minutes the first time, 6 GB; $(free_disk "$venv") free)"
 # torch first: with a capped pip this takes the release on the machine's disk instead of a download.
 $pip install 'torch>=2.4' 'torchaudio>=2.4'
 log "installing mtp_asr (editable) with the dev and demo extras"

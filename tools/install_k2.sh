@@ -52,9 +52,7 @@ ci_install() {
     exit 1
   fi
   [ -x "$venv/bin/python" ] || { log "creating venv $venv with $py39"; "$py39" -m venv "$venv"; }
-  local free
-  free=$(df -h --output=avail "$venv" | tail -n 1 | tr -d ' ')
-  log "installing $pins into $venv (a minute or two the first time, 3.5 GB; $free free)"
+  log "installing $pins into $venv (a minute or two the first time, 3.5 GB; $(free_disk "$venv") free)"
   # torch first, so that k2's own torch requirement is already met by the pinned release.
   "$venv/bin/python" -m pip --disable-pip-version-check -q install torch==1.13.1 'numpy<2'
   "$venv/bin/python" -m pip --disable-pip-version-check -q install k2==1.23.4 pytest kaldialign

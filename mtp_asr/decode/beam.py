@@ -31,11 +31,12 @@ hypotheses are the N-best list. A plain sum (length_norm 0) favours early EOS (f
 same length, so `beam` ranks them as the plain sum does whatever length_norm is.
 
 Merging: none is needed. A block is a function of its parent and its head-1 token (the tail is the parent's, or
-with `hydra` heads the candidate's, cut by the same rule), so two blocks from one parent never start alike, and by induction from the prompt every token
-sequence has exactly one derivation: two hypotheses never share a sequence (tests/test_beam.py checks this against a
-cache-free reference). Duplicates arise only when shorter prefixes of a block are candidates too; then max, not
-log-sum-exp, is the merge: the two scores estimate one probability under two factorisations, they are not disjoint
-events, and adding them favours what the heads reach in several ways. Measured and rejected (below).
+with `hydra` heads the candidate's, cut by the same rule), so two blocks from one parent never start alike, and by
+induction from the prompt every token sequence has exactly one derivation: two hypotheses never share a sequence
+(tests/test_beam.py checks this against a cache-free reference). Duplicates arise only when shorter prefixes of a
+block are candidates too; then max, not log-sum-exp, is the merge: the two scores estimate one probability under
+two factorisations, they are not disjoint events, and adding them favours what the heads reach in several ways.
+Measured and rejected (below).
 
 Measurements (this machine's CPU; a Speech-LLaMA with K=4 latent heads, encoder 96x2, decoder 128x3, trained 6 epochs
 on a 0.63 h stand-in corpus of noisy spoken-word feature patterns with real sentencepiece BPE pieces, because the demo

@@ -113,8 +113,8 @@ class MTPHeads(nn.Module):
                 return [normed]
             if self.conditional and labels is None:
                 raise ValueError("hydra heads need the labels (the tokens their states are conditioned on)")
-            prev = [_shifted(labels, k - 1) if self.conditional else None for k in range(1, self.num_heads)]
-            return [normed] + [self.project(decoder, k, normed, p) for k, p in zip(range(1, self.num_heads), prev)]
+            return [normed] + [self.project(decoder, k, normed, _shifted(labels, k - 1) if self.conditional else None)
+                               for k in range(1, self.num_heads)]
         out = [normed]
         if self.num_heads > 1:
             if cache is None:
@@ -152,7 +152,7 @@ class MTPHeads(nn.Module):
                 raise ValueError("hydra heads run in order from head 2 and need the token chosen before it")
             out, prev = [], chosen
             for k in heads:
-                out.append(F.linear(self.project(decoder, k, first, prev), decoder.lm_head.weight))
+                out.append(self._conditional_logits(decoder, k, first, prev))
                 prev = out[-1].argmax(-1)
             return torch.stack(out, -2)
         per_head = [first if k == 0 else states[k][index] if k < len(states) else self.project(decoder, k, first)
@@ -170,8 +170,8 @@ class MTPHeads(nn.Module):
         node = {(): chosen}  # rank prefix -> (n,) tokens
         for depth, (level, parents, width) in enumerate(_tree_levels(tuple(rank_paths)), 1):
             prev = torch.cat([node[p] for p in parents]) if len(parents) > 1 else node[parents[0]]
-            state = self.project(decoder, depth, first.repeat(len(parents), 1) if len(parents) > 1 else first, prev)
-            logits = F.linear(state, decoder.lm_head.weight)
+            logits = self._conditional_logits(
+                decoder, depth, first.repeat(len(parents), 1) if len(parents) > 1 else first, prev)
             top = (logits.argmax(-1, keepdim=True) if width == 1 else logits.topk(width, dim=-1).indices)
             top = top.view(len(parents), n, width)
             for p, j in level:
@@ -181,6 +181,11 @@ class MTPHeads(nn.Module):
         flat = torch.stack([node[p] for p in keys], 1).tolist()  # (n, nodes): one transfer
         where = {p: i for i, p in enumerate(keys)}
         return [[[flat[r][where[p[:i + 1]]] for i in range(len(p))] for p in rank_paths] for r in range(n)]
+
+    def _conditional_logits(self, decoder: LlamaDecoder, head: int, normed: Tensor, prev: Tensor) -> Tensor:
+        """A `hydra` head's logits given the token before its own; the un-embedding as a plain product (decoding's
+        sequential heads at one row: a module call costs more than the product)."""
+        return F.linear(self.project(decoder, head, normed, prev), decoder.lm_head.weight)
 
     def logits(self, decoder: LlamaDecoder, head: int, state: Tensor) -> Tensor:
         """Logits of head `head` (0-based: 0 is the LM head) from its state."""
