@@ -34,6 +34,13 @@ decoder_threads_option = click.option(
          "rows: a second thread costs more to wake than it saves (egs/synth/asr/RESULTS.md).")
 
 
+lexicon_option = click.option(
+    "--lexicon", type=FILE,
+    help="A word list (one word per line, or Kaldi's words.txt): every method emits only its words, spelled as the "
+         "tokenizer spells them (a prefix tree over the tokens masks each head's logits). mtp-verify and ctc-verify "
+         "then reproduce greedy decoding with the same lexicon.")
+
+
 def method_options(fn):
     options = [
         click.option("--method", type=click.Choice(METHOD_CHOICES), default="greedy", show_default=True,
@@ -59,6 +66,7 @@ def method_options(fn):
                      help="Beam methods rank hypotheses by score / length ** this (default 0.5; 1: per-token "
                           "average; 0: plain sum, which favours early EOS)."),
         decoder_threads_option,
+        lexicon_option,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -103,7 +111,7 @@ def options_for(methods: tuple, method: str, **options) -> dict:
               help="Result directory (default: EXP_DIR/<method>, or the checkpoint's directory/<method>).")
 @library_call
 def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_tree, beam_size,
-               length_norm, decoder_threads, manifests, thresholds, nbest, batch_size, out_dir):
+               length_norm, decoder_threads, lexicon, manifests, thresholds, nbest, batch_size, out_dir):
     """Decode cut sets; write icefall-style results per set and setting.
 
     In OUT_DIR: recogs-<set>-<suffix>.txt, errs-<set>-<suffix>.txt (alignment, WER, per-utterance, substitutions,
@@ -116,7 +124,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 
     options = {**options_for(BEAM_METHODS, method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
                **options_for(VERIFY_METHODS, method, draft_tree=draft_tree), "max_draft": max_draft,
-               "decoder_threads": decoder_threads}
+               "decoder_threads": decoder_threads, "lexicon": lexicon}
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     out_dir = out_dir or path.parent / method
@@ -132,6 +140,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--max-utts", type=click.IntRange(min=0), default=0, help="Use only the first N cuts (0: all).")
 @click.option("--num-threads", type=click.IntRange(min=1), help="torch CPU threads (fixed for fair timing).")
 @decoder_threads_option
+@lexicon_option
 @click.option("--beam-size", type=click.IntRange(min=1),
               help="Also run beam and mtp-beam (at every threshold) with this beam width.")
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,
@@ -147,7 +156,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  decoder_threads, beam_size, max_drafts, draft_trees, repeats, out_dir):
+                  decoder_threads, lexicon, beam_size, max_drafts, draft_trees, repeats, out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
@@ -169,7 +178,7 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
                   beam_size=beam_size, max_drafts=list(max_drafts) or [32], draft_trees=draft_trees,
-                  decoder_threads=decoder_threads, repeats=repeats)
+                  decoder_threads=decoder_threads, lexicon=lexicon, repeats=repeats)
 
 
 @main.command("draft-tree")
@@ -206,13 +215,14 @@ def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, ma
 @click.argument("files", type=FILE, nargs=-1, required=True)
 @library_call
 def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_tree, beam_size,
-                   length_norm, decoder_threads, threshold, files):
+                   length_norm, decoder_threads, lexicon, threshold, files):
     """Print `FILE<TAB>transcript` for each audio file (wav, flac, ogg, mp3; any sample rate; mono or stereo)."""
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
 
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft, decoder_threads=decoder_threads,
+                              lexicon=lexicon,
                               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)

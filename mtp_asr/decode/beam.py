@@ -68,6 +68,7 @@ from torch import Tensor
 
 from mtp_asr.decode.generate import Hypothesis
 from mtp_asr.decode.lattice import LatticeBuilder
+from mtp_asr.decode.lexicon import Lexicon
 from mtp_asr.model.lm import MTPLanguageModel
 
 BEAM_METHODS = ("beam", "mtp-beam")
@@ -108,18 +109,22 @@ class _Partial:
     pending: tuple = ()
     row: int = -1
     node: int = 0  # its state in the utterance's lattice builder (when recording)
+    lex: int = Lexicon.start  # its lexicon state (with a lexicon)
 
 
 @torch.inference_mode()
 def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: str = "beam",
                 num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200, beam_size: int = 4,
-                nbest: Optional[int] = None, length_norm: float = 0.5, lattice: bool = False) -> BeamOutput:
+                nbest: Optional[int] = None, length_norm: float = 0.5, lattice: bool = False,
+                lexicon: Optional[Lexicon] = None) -> BeamOutput:
     """Beam-search every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
 
     method: `beam` (head 1 only) or `mtp-beam` (num_heads heads, default all of the model's; tau = threshold).
     max_new_tokens: an int or a (B,) tensor of per-row limits (>= 1), EOS excluded. nbest: hypotheses returned per
     row (default: beam_size). length_norm: the exponent of the length in the ranking score (0: plain sum).
     lattice: also return, per row, the lattice of every candidate the search made (mtp_asr.decode.lattice).
+    lexicon: hypotheses made of its words only: every head's logits are masked to the tokens the lexicon allows after
+    the hypothesis' tokens (and the block's before them), so the scores are renormalised over those tokens.
     """
     if method not in BEAM_METHODS:
         raise ValueError(f"unknown beam search method {method!r}; choose from {', '.join(BEAM_METHODS)}")
@@ -158,12 +163,20 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
         cache.lengths += n_pending
         rows, last = torch.arange(len(live), device=device), n_pending - 1
         logits = lm.heads.logits(lm.decoder, 0, states[0][rows, last])
+        if lexicon:
+            logits = lexicon.constrain(logits, [h.lex for h in live])
         top_lp, top_tok = _log_softmax(logits).topk(min(beam_size, vocab), dim=-1)
         n_top = top_tok.shape[1]
+        per_candidate = lm.heads.conditional or lexicon is not None
         if K > 1:
-            if lm.heads.conditional:  # one tail per head-1 candidate, each conditioned on that candidate
+            if per_candidate:  # one tail per head-1 candidate, conditioned on it (hydra) or constrained after it
                 index = (rows.repeat_interleave(n_top), last.repeat_interleave(n_top))
-                extra_logits = lm.heads.logits_at(lm.decoder, states, index, range(1, K), top_tok.flatten())
+                constrain = None
+                if lexicon:
+                    after = [lexicon.step(h.lex, t) for h, toks in zip(live, top_tok.tolist()) for t in toks]
+                    constrain = lexicon.chain_constraint(after)
+                extra_logits = lm.heads.logits_at(lm.decoder, states, index, range(1, K), top_tok.flatten(),
+                                                  constrain)
             else:  # one tail per row, shared by its candidates
                 extra_logits = lm.heads.logits_at(lm.decoder, states, (rows, last), range(1, K))  # (rows, K-1, V)
             extra = extra_logits.argmax(-1, keepdim=True)
@@ -178,9 +191,13 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
         for i, (hyp, u) in enumerate(zip(live, utt_of)):
             out = candidates.setdefault(u, [])
             for c, (tok, lp) in enumerate(zip(top_tok[i], top_lp[i])):
-                t = i * n_top + c if lm.heads.conditional else i
+                if lp == float("-inf"):  # fewer tokens allowed by the lexicon than the beam is wide
+                    continue
+                t = i * n_top + c if per_candidate else i
                 tail = list(zip(extra[t][: run[t]], extra_lp[t][: run[t]])) if K > 1 else []
                 cand = _extend(hyp, i, [(tok, lp)] + tail, eos, limits[u], length_norm)
+                if lexicon:
+                    cand.lex = lexicon.advance(hyp.lex, cand.tokens[len(hyp.tokens):])
                 if builders:
                     n = len(hyp.scores)
                     cand.node = builders[u].extend(hyp.node, cand.tokens[len(hyp.tokens):], cand.scores[n:],

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from mtp_asr.decode.drafts import DraftAligner, draft_sequences
+from mtp_asr.decode.lexicon import DEAD, Lexicon
 from mtp_asr.decode.tree import DraftTree, TreeBatch, head_paths, move_plan
 from mtp_asr.decode.tree_spec import check_paths, parse_tree, product_paths, tree_depth
 from mtp_asr.model.lm import MTPLanguageModel
@@ -59,13 +60,14 @@ class GenerateOutput:
 def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: str = "greedy",
              num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200,
              drafts: Optional[Sequence[Sequence[int]]] = None, max_draft: int = 32,
-             draft_tree=()) -> GenerateOutput:
+             draft_tree=(), lexicon: Optional[Lexicon] = None) -> GenerateOutput:
     """Decode every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
 
     num_heads: heads to use (default: all of the model's; `greedy` uses 1). max_new_tokens: an int or a (B,) tensor
     of per-row limits, EOS excluded. drafts (ctc-verify): one token sequence per row (without EOS); max_draft: draft
     tokens verified per call at most. draft_tree (mtp-verify, ctc-verify): the shape of the tree of head drafts verified
     per call (`mtp_asr.decode.tree_spec`): `--draft-tree` text, widths per head 2..K, or rank paths; empty: a chain.
+    lexicon: emit only its words (`mtp_asr.decode.lexicon`); verification then reproduces constrained greedy.
     """
     if method not in METHODS:
         raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
@@ -96,6 +98,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     out = [[] for _ in range(B)]
     calls = [0] * B
     done = [False] * B
+    lex = [Lexicon.start] * B  # each row's lexicon state after its emitted tokens
     from_head = [0] * K
     from_external = 0
     eos = lm.eos_id
@@ -121,7 +124,10 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         # Head 1 at the last pending position (the root) and at every draft node: verifies them, gives the next
         # token at the last kept position.
         cols = ((n_pending - 1)[:, None] + torch.arange(tree.q + 1, device=device)).clamp(max=T - 1)
-        g = lm.heads.logits(lm.decoder, 0, states[0][ar[:, None], cols]).argmax(-1)  # (live, q+1)
+        g = lm.heads.logits(lm.decoder, 0, states[0][ar[:, None], cols])  # (live, q+1, V)
+        if lexicon:
+            g = lexicon.constrain(g, _node_states(lexicon, [lex[r] for r in rows.tolist()], tree.trees, tree.q))
+        g = g.argmax(-1)
         accepted, last_col = tree.accept(g)
         correction = g[ar, last_col]
         last = n_pending - 1 + last_col  # the last kept position in this call's block
@@ -136,7 +142,12 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         if K > 1 and verify and lm.heads.conditional:  # each head given the token before it, node by node
             drafted = lm.heads.tree_drafts(lm.decoder, states, (ar, last), correction, rank_paths)
         elif K > 1 and (verify or method == "mtp-threshold"):
-            logits = lm.heads.logits_at(lm.decoder, states, (ar, last), range(1, K), correction)  # (live, K-1, V)
+            constrain = None
+            if lexicon and not verify:  # emitted tokens must extend the lexicon's words; drafts are only guesses
+                chain = [lexicon.step(lex[r], t) for r, t in zip(rows.tolist(), correction.tolist())]
+                constrain = lexicon.chain_constraint(chain)
+            logits = lm.heads.logits_at(lm.decoder, states, (ar, last), range(1, K), correction,
+                                        constrain)  # (live, K-1, V)
             if verify and top > 1:
                 extra = logits.topk(top, dim=-1).indices  # (live, K-1, top)
             else:
@@ -166,6 +177,8 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
                     done[r] = True
                     break
                 out[r].append(tok)
+                if lexicon:
+                    lex[r] = lexicon.step(lex[r], tok)
                 if src:
                     from_head[src - 1] += 1
                 else:
@@ -198,6 +211,17 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
 
     hyps = [Hypothesis(out[r], calls[r], done[r]) for r in range(B)]
     return GenerateOutput(hyps, batch_calls, from_head, from_external)
+
+
+def _node_states(lexicon: Lexicon, roots: list, trees: list, q: int) -> list:
+    """Lexicon states at each row's root and draft nodes (the columns head 1 is read at), padded with DEAD to q+1."""
+    out = []
+    for root, tree in zip(roots, trees):
+        row = [root]
+        for tok, parent in zip(tree.tokens, tree.parents):
+            row.append(lexicon.step(row[parent + 1], tok))
+        out += row + [DEAD] * (q + 1 - len(row))
+    return out
 
 
 def _next_block(pending: list, trees: list, device) -> tuple[Tensor, Tensor]:

@@ -121,10 +121,11 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
             sweep.append(summary)
         if len(sweep) > 1:
             # References: greedy, and for mtp-beam the next-token beam search of the same width.
-            refs = [DecodeSettings("greedy")]
+            lexicon = options.get("lexicon") or ""
+            refs = [DecodeSettings("greedy", lexicon=lexicon)]
             if method == "mtp-beam":
                 beam = {k: v for k, v in options.items() if k in ("beam_size", "nbest", "length_norm")}
-                refs.append(DecodeSettings("beam", **beam))
+                refs.append(DecodeSettings("beam", lexicon=lexicon, **beam))
             points = []
             for ref_settings in refs:
                 done = (out_dir.parent / ref_settings.method /
@@ -140,13 +141,15 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
 def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Sequence[int], thresholds: Sequence[float],
                   out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0,
                   beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,),
-                  draft_trees: Sequence[str] = (), decoder_threads: int = 1, repeats: int = 1) -> list:
+                  draft_trees: Sequence[str] = (), decoder_threads: int = 1, lexicon: Optional[Path] = None,
+                  repeats: int = 1) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
     greedy run; `mtp-verify` and `ctc-verify` (for a model with a CTC head, at every draft length in `max_drafts`)
     with a chain of head drafts and with each of `draft_trees`; `beam` and
     `mtp-beam` (at every threshold) too when a beam size is given. With `repeats` > 1 the whole list of methods runs
     that many times in turn and each method's seconds are the median over the rounds: on a shared machine whose
-    speed drifts by 10-20% within minutes, a drift then slows every method alike. Writes benchmark.json and
+    speed drifts by 10-20% within minutes, a drift then slows every method alike. With a lexicon every row is
+    constrained by it (greedy too, so "same as greedy" still compares like with like). Writes benchmark.json and
     benchmark.md; returns the rows."""
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1 (got {repeats})")
@@ -164,7 +167,7 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
     if beam_size:
         methods += [DecodeSettings("beam", beam_size=beam_size)] + [
             DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds]
-    methods = [replace(s, decoder_threads=decoder_threads) for s in methods]
+    methods = [replace(s, decoder_threads=decoder_threads, lexicon=str(lexicon or "")) for s in methods]
     warm_up = [methods[0], replace(methods[0], method="mtp-verify")] + (methods[-1:] if beam_size else [])
     for settings in warm_up:  # allocator, kernels, caches (and the larger row counts of a beam)
         decode_cuts(model, tokenizer, warm, settings, max(batch_sizes), desc="warm-up")

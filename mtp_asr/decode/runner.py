@@ -4,9 +4,11 @@
 Timing: the encoder (with the adapter and prompt) and the decoder loop are timed separately, synchronising the GPU
 around each; RTF = (encoder + decoder seconds) / audio seconds.
 """
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -15,6 +17,7 @@ from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
 from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.generate import METHODS, generate
+from mtp_asr.decode.lexicon import Lexicon
 from mtp_asr.decode.tree_spec import parse_tree, tree_name
 from mtp_asr.model.speech_llama import SpeechLlama
 from mtp_asr.utils import Progress, cpu_threads
@@ -35,6 +38,7 @@ class DecodeSettings:
     length_norm: float = 0.5  # beam methods rank by score / length ** length_norm
     max_draft: int = 32  # ctc-verify: draft tokens verified per decoder call at most
     draft_tree: str = ""  # mtp-verify, ctc-verify: the draft tree's shape (`--draft-tree`, tree_spec); "": a chain
+    lexicon: str = ""  # a word list: emit only its words (`mtp_asr.decode.lexicon`); "": any token sequence
     # On the CPU the decoder loop runs on this many threads (0: torch's setting). Its matrix products have a few rows,
     # and with passive OpenMP waiting (mtp_asr.cli) waking a second thread costs about 100 us per product, more than
     # the product itself: one thread decodes the demo model 1.3x to 3.5x faster than two (egs/synth/asr/RESULTS.md).
@@ -58,6 +62,9 @@ class DecodeSettings:
         if self.decoder_threads < 0:
             raise ValueError(f"--decoder-threads must be >= 0 (got {self.decoder_threads})")
         self.draft_tree = self.draft_tree or ""
+        self.lexicon = str(self.lexicon or "")
+        if self.lexicon and not Path(self.lexicon).is_file():
+            raise ValueError(f"--lexicon {self.lexicon} does not exist")
         parse_tree(self.draft_tree)  # a clear error now rather than at the first batch
         if self.draft_tree and self.method not in ("mtp-verify", "ctc-verify"):
             raise ValueError(f"--draft-tree applies to mtp-verify and ctc-verify only (got --method {self.method})")
@@ -80,6 +87,8 @@ class DecodeSettings:
             text += f"-D{self.max_draft}"
         if tree_name(self.draft_tree):
             text += "-tree" + tree_name(self.draft_tree)
+        if self.lexicon:
+            text += "-lex"
         if self.is_beam:
             text += f"-B{self.beam_size}"
             if self.length_norm != DecodeSettings.length_norm:
@@ -114,6 +123,7 @@ class DecodeResult:
             "beam_size": self.settings.beam_size if self.settings.is_beam else None,
             "length_norm": self.settings.length_norm if self.settings.is_beam else None,
             "draft_tree": self.settings.draft_tree or None,
+            "lexicon": self.settings.lexicon or None,
             "max_draft": self.settings.max_draft if self.settings.method == "ctc-verify" else None,
             "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
@@ -164,8 +174,9 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     t1 = time.perf_counter()
     limits = torch.tensor(length_limits(model, feat_lens.tolist(), durations, settings.max_tokens_per_second),
                           device=device)
+    lexicon = load_lexicon(settings.lexicon, tokenizer) if settings.lexicon else None
     with cpu_threads(settings.decoder_threads, device):
-        out = _search(model, prefix, prefix_lens, settings, limits, drafts)
+        out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
 
@@ -177,12 +188,21 @@ def length_limits(model: SpeechLlama, feat_lens: Sequence[int], durations: Seque
     return [min(int(10 + tokens_per_second * d), model.max_new_tokens(int(n))) for n, d in zip(feat_lens, durations)]
 
 
-def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts):
+@functools.lru_cache(maxsize=4)
+def load_lexicon(path: str, tokenizer) -> Lexicon:
+    """The lexicon of a decode run, built once per (file, tokenizer) and reused by every batch."""
+    lexicon = Lexicon.from_file(path, tokenizer)
+    logger.info("lexicon %s: %d words, %d states", path, len(lexicon), lexicon.num_states)
+    return lexicon
+
+
+def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts, lexicon):
     if settings.is_beam:
         return beam_search(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
-                           limits, settings.beam_size, settings.nbest, settings.length_norm)
+                           limits, settings.beam_size, settings.nbest, settings.length_norm, lexicon=lexicon)
     return generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
-                    limits, drafts=drafts, max_draft=settings.max_draft, draft_tree=settings.draft_tree)
+                    limits, drafts=drafts, max_draft=settings.max_draft, draft_tree=settings.draft_tree,
+                    lexicon=lexicon)
 
 
 def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, batch_size: int = 16,

@@ -23,9 +23,10 @@ def collect(dirs: Sequence[Path]) -> list:
 
 
 def _group(s: dict) -> tuple:
-    """Runs comparable to each other: same test set, model file and batch size (summaries before the model's path
-    was recorded: its name)."""
-    return s["test_set"], s.get("checkpoint_path") or s.get("checkpoint", ""), s.get("batch_size")
+    """Runs comparable to each other: same test set, model file, batch size and lexicon (summaries before the
+    model's path was recorded: its name)."""
+    return (s["test_set"], s.get("checkpoint_path") or s.get("checkpoint", ""), s.get("batch_size"),
+            s.get("lexicon") or "")
 
 
 def add_speedups(rows: list) -> list:
@@ -45,10 +46,11 @@ def tree_text(s: dict) -> str:
 
 def method_name(s: dict) -> str:
     """The method with the settings the other columns do not show: heads used when fewer than the model's, the CTC
-    draft length, the draft tree (e.g. `ctc-verify D8 tree 24nodes`, `mtp-verify K2`)."""
+    draft length, the draft tree, a lexicon (e.g. `ctc-verify D8 tree 24nodes`, `mtp-verify K2`, `greedy lex`)."""
     tree = tree_name(tree_text(s))
     return (s["method"] + (f" K{s['num_heads']}" if s.get("num_heads") else "")
-            + (f" D{s['max_draft']}" if s.get("max_draft") else "") + (f" tree {tree}" if tree else ""))
+            + (f" D{s['max_draft']}" if s.get("max_draft") else "") + (f" tree {tree}" if tree else "")
+            + (" lex" if s.get("lexicon") else ""))
 
 
 def markdown(rows: list) -> str:
@@ -71,12 +73,13 @@ def summarize(dirs: Sequence[Path], out: Path) -> str:
     if not rows:
         raise FileNotFoundError(f"no summary-*.json files under {', '.join(map(str, dirs))}")
     order = {"greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "beam": 4, "mtp-beam": 5}
-    rows.sort(key=lambda s: (s["test_set"], s.get("checkpoint", ""), order.get(s["method"], 9),
-                             tree_text(s), s.get("threshold") or 0, s.get("beam_size") or 0))
+    rows.sort(key=lambda s: (s["test_set"], s.get("checkpoint", ""), s.get("lexicon") or "",
+                             order.get(s["method"], 9), tree_text(s), s.get("threshold") or 0, s.get("beam_size") or 0))
     add_speedups(rows)
     out = Path(out)
     atomic_write_text(out, json.dumps([{k: s.get(k) for k in COLUMNS + ("checkpoint", "batch_size", "draft_tree",
-                                                                       "num_utts", "num_tokens", "file")} for s in rows],
+                                                                       "lexicon", "num_utts", "num_tokens", "file")}
+                                       for s in rows],
                                       indent=2) + "\n")
     table = markdown(rows)
     atomic_write_text(out.with_suffix(".md"), table + "\n")
