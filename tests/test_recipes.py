@@ -66,12 +66,20 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
                 assert 0 < len(parse_tree(tree)) <= 24 and max(map(len, parse_tree(tree))) <= 3
             else:
                 assert trees == {}, (model, trees)
-            greedy = next(r for r in these if r["method"] == "greedy")
+            # every method with the lexicon of the training text; greedy also without it (the first model)
+            words = str(Path("data") / "lang_char" / "words.txt")
+            plain = [r["method"] for r in these if not r["lexicon"]]
+            assert plain == (["greedy"] if model.startswith("avg") else []) and all(
+                r["lexicon"] == words for r in these if r["lexicon"])
+            greedy = next(r for r in these if r["method"] == "greedy" and r["lexicon"])
             for r in these:
                 if r["method"] in ("mtp-verify", "ctc-verify"):
                     assert r["wer"] == greedy["wer"]  # lossless methods
                     assert r["num_decoder_calls"] < greedy["num_decoder_calls"]
     assert "| test | avg-epoch-3-avg-2-distilled | greedy |" in first.stdout
+    assert "| test | avg-epoch-3-avg-2-distilled | greedy lex |" in first.stdout
+    lexicon = (recipe / "data" / "lang_char" / "words.txt").read_text().split()
+    assert lexicon == sorted(set(lexicon)) and len(lexicon) > 100
     assert "stage 11: mwer" in first.stdout and "agree with greedy decoding" in first.stderr
     assert (recipe / "exp" / "mwer" / "tensorboard").is_dir()
     for name in ("recogs", "errs", "wer-summary", "summary"):

@@ -28,6 +28,7 @@ draft_tree_nodes=24  # stage 9 also runs mtp-verify and ctc-verify with a draft 
 decode_batch_size=16
 beam_size=4
 beam_threshold=0.95  # tau of mtp-beam (chosen on dev: RESULTS.md)
+lexicon=true       # decode with the training text's words only (data/lang_<type>/words.txt); greedy also without
 mwer_steps=30
 device=auto
 test_sets="test test_unseen_voice"
@@ -39,7 +40,7 @@ record the options: to redo a stage with other options, remove its marker and th
   0  install the environment (tools/install.sh)
   1  synthesise the corpus and prepare Lhotse manifests (data/manifests)
   2  80-dim fbank features (data/fbank)
-  3  LM text (data/lm) and sentencepiece tokenizer (data/lang_<token_type>)
+  3  LM text (data/lm), sentencepiece tokenizer and word list (data/lang_<token_type>)
   4  pre-train the decoder LM with its MTP heads on text (exp/lm; only with --lm-epochs N > 0: from random weights
      the decoder learns to read the audio faster, see RESULTS.md); beside stage 5, one core each
   5  pre-train the encoder with CTC (exp/ctc; --ctc-epochs 0 skips it); alone, on two torchrun ranks
@@ -66,6 +67,8 @@ Options (default):
   --thresholds (\"$thresholds\")  --draft-tree-nodes ($draft_tree_nodes)  --decode-batch-size ($decode_batch_size)
   --device ($device)
   --beam-size ($beam_size)  --beam-threshold ($beam_threshold)  --mwer-steps ($mwer_steps)
+  --lexicon ($lexicon)         true: stages 9, 10 and 12 decode with the words of the training text only (a
+                              closed vocabulary, as a Kaldi lexicon); greedy also runs without it, for comparison
 "
 
 # --quick true changes the defaults, so it is read first; options given on the command line still win.
@@ -136,6 +139,10 @@ if should_run 3 tokenizer; then
   cut -d' ' -f2- data/manifests/corpus/dev/text > data/lm/valid.txt
   mtp-asr train-bpe data/fbank/cuts_train.jsonl.gz "$lang" --vocab-size "$vocab_size" --model-type "$token_type" \
     --extra-text data/lm/train.txt
+  # The lexicon: every word of the LM text and the training transcripts (never a dev/test sentence).
+  cat data/lm/train.txt <(cut -d' ' -f2- data/manifests/corpus/train/text) | tr -s ' ' '\n' | sed '/^$/d' \
+    | LC_ALL=C sort -u > "$lang/words.txt.tmp"
+  mv "$lang/words.txt.tmp" "$lang/words.txt"
   if [ -n "$ctc_token_type" ]; then
     mtp-asr train-bpe data/fbank/cuts_train.jsonl.gz "$ctc_lang" --vocab-size "$ctc_vocab_size" \
       --model-type "$ctc_token_type"
@@ -199,21 +206,26 @@ if [ "$distill_steps" -gt 0 ]; then
 fi
 
 decode_sets=$test_sets
+lex_args=()
+if [ "$lexicon" = true ]; then lex_args=(--lexicon "$lang/words.txt"); fi
 
 if should_run 9 decode; then
   threshold_args=()
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
   # ctc-verify checks 8 draft tokens per call: as many calls saved as with 32, and each call is cheaper.
   decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}" \
-    --max-draft 8
+    --max-draft 8 ${lex_args[@]+"${lex_args[@]}"}
+  if [ "$lexicon" = true ]; then decode_all "$model" exp/asr/decode greedy; fi  # the same model without it
   if [ "$draft_tree_nodes" -gt 0 ]; then
-    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" dev "mtp-verify ctc-verify" --max-draft 8
+    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" dev "mtp-verify ctc-verify" --max-draft 8 \
+      ${lex_args[@]+"${lex_args[@]}"}
   fi
   mark_done decode
 fi
 
 if should_run 10 beam; then
-  decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold"
+  decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold" \
+    ${lex_args[@]+"${lex_args[@]}"}
   mark_done beam
 fi
 
@@ -225,8 +237,9 @@ fi
 
 if should_run 12 mwer_decode; then
   mwer_model=$(python -c "from mtp_asr.train.checkpoint import latest_checkpoint as l; print(l('exp/mwer'))")
-  decode_all "$mwer_model" exp/mwer/decode "greedy mtp-verify"
-  decode_all "$mwer_model" exp/mwer/decode mtp-beam --beam-size "$beam_size" --threshold "$beam_threshold"
+  decode_all "$mwer_model" exp/mwer/decode "greedy mtp-verify" ${lex_args[@]+"${lex_args[@]}"}
+  decode_all "$mwer_model" exp/mwer/decode mtp-beam --beam-size "$beam_size" --threshold "$beam_threshold" \
+    ${lex_args[@]+"${lex_args[@]}"}
   mark_done mwer_decode
 fi
 
