@@ -89,10 +89,10 @@ def test_logits_at_equals_each_heads_logits(kind, lazy):
 def test_hydra_logits_at_follows_the_chain_that_training_conditions_on(vocab):
     """Decoding runs hydra heads one after another (head 2 given the chosen token, each later head given the argmax
     before it); the teacher-forced states given those same tokens as labels must give the same logits, whether
-    decoding folds the heads' weights (a vocabulary no larger than the width, 16) or not, and after the weights
-    change (a training step between two decodes: the folded tables are rebuilt)."""
+    decoding folds the heads' weights (a vocabulary no larger than the width, 16) or not, before and after the
+    weights change (a training step between two decodes)."""
     lm = tiny_lm("hydra", num_heads=4, vocab=vocab)
-    assert (lm.heads._folded(lm.decoder) is None) == (vocab > 16)
+    assert (lm.heads.fold(lm.decoder) is None) == (vocab > 16)
     hidden = lm.decoder(torch.randn(1, 9, 16, dtype=torch.float64))
     lazy = lm.heads.states(lm.decoder, hidden, lazy=True)
     u, chosen = 3, torch.tensor([7])
@@ -101,7 +101,8 @@ def test_hydra_logits_at_follows_the_chain_that_training_conditions_on(vocab):
             with torch.no_grad():
                 for p in lm.heads.parameters():
                     p.add_(0.2 * torch.randn_like(p))
-        got = lm.heads.logits_at(lm.decoder, lazy, (torch.tensor([0]), torch.tensor([u])), range(1, 4), chosen)
+        got = lm.heads.logits_at(lm.decoder, lazy, (torch.tensor([0]), torch.tensor([u])), range(1, 4), chosen,
+                                 folded=lm.heads.fold(lm.decoder))
         chain = [7] + got[0, :2].argmax(-1).tolist()
         labels = torch.randint(0, vocab, (1, 9))
         labels[0, u: u + 3] = torch.tensor(chain)  # head 1's targets at u, u+1, u+2: what heads 2, 3, 4 are given

@@ -152,6 +152,7 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
     kept = [[] for _ in range(n_utts)]  # per utterance: the ended hypotheses among its B best
     calls = [0] * n_utts
     builders = [LatticeBuilder() for _ in range(n_utts)] if lattice else None
+    folded = lm.heads.fold(lm.decoder) if K > 1 else None  # hydra heads' weights, folded once per batch
     batch_calls = 0
     block, n_pending = prefix, prefix_lens.to(device)  # the prefill feeds the prompts
     while live:
@@ -176,7 +177,7 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
                     after = [lexicon.step(h.lex, t) for h, toks in zip(live, top_tok.tolist()) for t in toks]
                     constrain = lexicon.chain_constraint(after)
                 extra_logits = lm.heads.logits_at(lm.decoder, states, index, range(1, K), top_tok.flatten(),
-                                                  constrain)
+                                                  constrain, folded)
             else:  # one tail per row, shared by its candidates
                 extra_logits = lm.heads.logits_at(lm.decoder, states, (rows, last), range(1, K))  # (rows, K-1, V)
             extra = extra_logits.argmax(-1, keepdim=True)

@@ -91,6 +91,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     top = max((r for p in rank_paths for r in p), default=0) + 1  # candidates needed per head
     aligners = [DraftAligner(d) for d in draft_sequences(drafts, lm.eos_id)] if method == "ctc-verify" else None
 
+    folded = lm.heads.fold(lm.decoder) if K > 1 else None  # hydra heads' weights, folded once per batch
     lookahead = (max_draft if aligners else 0) + len(rank_paths) + K
     cache = lm.new_cache(B, int(prefix_lens.max()) + max(limits) + 2 * lookahead + 1, prefix_lens,
                          dtype=prefix.dtype)
@@ -140,14 +141,14 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
         # Heads 2..K at the last kept position.
         extra = extra_p = drafted = None
         if K > 1 and verify and lm.heads.conditional:  # each head given the token before it, node by node
-            drafted = lm.heads.tree_drafts(lm.decoder, states, (ar, last), correction, rank_paths)
+            drafted = lm.heads.tree_drafts(lm.decoder, states, (ar, last), correction, rank_paths, folded)
         elif K > 1 and (verify or method == "mtp-threshold"):
             constrain = None
             if lexicon and not verify:  # emitted tokens must extend the lexicon's words; drafts are only guesses
                 chain = [lexicon.step(lex[r], t) for r, t in zip(rows.tolist(), correction.tolist())]
                 constrain = lexicon.chain_constraint(chain)
-            logits = lm.heads.logits_at(lm.decoder, states, (ar, last), range(1, K), correction,
-                                        constrain)  # (live, K-1, V)
+            logits = lm.heads.logits_at(lm.decoder, states, (ar, last), range(1, K), correction, constrain,
+                                        folded)  # (live, K-1, V)
             if verify and top > 1:
                 extra = logits.topk(top, dim=-1).indices  # (live, K-1, top)
             else:

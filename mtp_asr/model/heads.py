@@ -140,19 +140,21 @@ class MTPHeads(nn.Module):
         return normed  # linear: the head's own projection is in `logits`
 
     def logits_at(self, decoder: LlamaDecoder, states: list, index: tuple, heads: range,
-                  chosen: Optional[Tensor] = None, constrain: Optional[Callable] = None) -> Tensor:
+                  chosen: Optional[Tensor] = None, constrain: Optional[Callable] = None,
+                  folded: Optional[tuple] = None) -> Tensor:
         """Logits (N, len(heads), V) of heads `heads` (0-based) at positions `index` of `states` (lazy or not). The
         shared un-embedding runs once for all of them: at decoding's few rows one product of 3 rows costs less than 3
         of one (about 40-60 us less per call at batch 1 on the demo's CPU, within the noise of a whole decode).
         `hydra` heads 1.. (a range from 1) run one after another: head 2 given `chosen` (N,), the token emitted after
         position `index` (head 1's choice), each later head given the argmax of the one before.
         constrain: applied to each head's (N, V) logits in turn (e.g. a lexicon's mask, `mtp_asr.decode.generate`);
-        the returned logits, and the tokens `hydra` heads are given, are the constrained ones."""
+        the returned logits, and the tokens `hydra` heads are given, are the constrained ones. folded: `fold`'s
+        tables for these weights (decoding computes them once per batch), or None."""
         first = states[0][index]
         if self.conditional and len(heads) and heads[0] > 0:
             if heads[0] != 1 or chosen is None:
                 raise ValueError("hydra heads run in order from head 2 and need the token chosen before it")
-            head_logits = self._conditional_heads(decoder, first)
+            head_logits = self._conditional_heads(decoder, first, folded)
             out, prev = [], chosen
             for k in heads:
                 logits = head_logits(k, prev)
@@ -167,13 +169,15 @@ class MTPHeads(nn.Module):
             out = decoder.lm_head(torch.stack(per_head, -2))
         return torch.stack([constrain(out[..., j, :]) for j in range(len(heads))], -2) if constrain else out
 
-    def tree_drafts(self, decoder: LlamaDecoder, states: list, index: tuple, chosen: Tensor, rank_paths) -> list:
+    def tree_drafts(self, decoder: LlamaDecoder, states: list, index: tuple, chosen: Tensor, rank_paths,
+                    folded: Optional[tuple] = None) -> list:
         """`hydra` heads' drafts along each rank path (`mtp_asr.decode.tree_spec`) at positions `index`: per row, one
         token list per path, its k-th token head k+1's candidate of that rank given the path's token before it (the
-        first given `chosen`). Heads run depth by depth, each once for all the nodes of its depth."""
+        first given `chosen`). Heads run depth by depth, each once for all the nodes of its depth. folded: as in
+        `logits_at`."""
         first = states[0][index]
         n = first.shape[0]
-        head_logits = self._conditional_heads(decoder, first)
+        head_logits = self._conditional_heads(decoder, first, folded)
         node = {(): chosen}  # rank prefix -> (n,) tokens
         for depth, (level, parents, width) in enumerate(_tree_levels(tuple(rank_paths)), 1):
             prev = torch.cat([node[p] for p in parents]) if len(parents) > 1 else node[parents[0]]
@@ -188,20 +192,15 @@ class MTPHeads(nn.Module):
         where = {p: i for i, p in enumerate(keys)}
         return [[[flat[r][where[p[:i + 1]]] for i in range(len(p))] for p in rank_paths] for r in range(n)]
 
-    def _conditional_heads(self, decoder: LlamaDecoder, normed: Tensor):
+    def _conditional_heads(self, decoder: LlamaDecoder, normed: Tensor, folded: Optional[tuple]):
         """`hydra` heads at the trunk states `normed` (N, d), for decoding: a function (head, prev) -> logits, prev the
-        tokens chosen before that head's, (r * N,) for r candidates per state (row i * N + j: state j).
-
-        With a vocabulary no larger than the width (characters, small BPE sets) the products that do not depend on
-        the decoding state are folded once per set of weights (`_folded`): head k's logits are then
-        Z_k + SiLU(P_k + T_k[prev]) U_k, with every head's Z_k = n (H A_k)^T and P_k = n M_k^n^T from one product
-        per call and T_k a table of the token part. Measured on the demo's decoder (width 192, 31 tokens, 3 heads):
-        a chain of drafts 160-210 us -> about 50 us per call. Larger vocabularies (whose tables would be as big as
-        several un-embeddings) take the plain path, each head as `project` defines it."""
-        folded = self._folded(decoder)
+        tokens chosen before that head's, (r * N,) for r candidates per state (row i * N + j: state j). With
+        `fold`'s tables every head's trunk side comes from one product per call; without, each head is computed as
+        `project` defines it."""
         if folded is None:
             def plain(head: int, prev: Tensor) -> Tensor:
-                rows = normed.repeat(prev.shape[0] // normed.shape[0], 1) if prev.shape[0] > normed.shape[0] else normed
+                r = prev.shape[0] // normed.shape[0]
+                rows = normed.repeat(r, 1) if r > 1 else normed
                 return F.linear(self.project(decoder, head, rows, prev), decoder.lm_head.weight)
             return plain
         big, tokens, ups = folded
@@ -211,32 +210,33 @@ class MTPHeads(nn.Module):
 
         def fast(head: int, prev: Tensor) -> Tensor:
             r = prev.shape[0] // normed.shape[0]
-            p, u = (trunk[head - 1], unembedded[head - 1]) if r == 1 else (
-                trunk[head - 1].repeat(r, 1), unembedded[head - 1].repeat(r, 1))
+            p, u = trunk[head - 1], unembedded[head - 1]
+            if r > 1:
+                p, u = p.repeat(r, 1), u.repeat(r, 1)
             return torch.addmm(u, F.silu(p + tokens[head - 1][prev]), ups[head - 1])
         return fast
 
-    def _folded(self, decoder: LlamaDecoder) -> Optional[tuple]:
-        """(the stacked trunk-side matrices [M_k^n..., H A_k...], token tables T_k (V, d) with the mix bias, and
-        U_k = (H W_k)^T (d, V)) of `hydra` heads, or None for a vocabulary larger than the width. Cached, and rebuilt
-        when a weight changes (training steps bump the parameters' version counters) or moves."""
+    @torch.no_grad()
+    def fold(self, decoder: LlamaDecoder) -> Optional[tuple]:
+        """`hydra` heads' weights folded for decoding, or None (other kinds; a vocabulary larger than the width).
+
+        Head k's logits are n (H A_k)^T + SiLU(n M_k^n^T + e M_k^e^T + b_k) (H W_k)^T (n the trunk state, e the
+        normed embedding of the token before, H the un-embedding; see `project`). Folded: the stacked trunk-side
+        matrices [M_k^n..., H A_k...] (one product per call for every head), token tables T_k = E M_k^e^T + b_k
+        (V, d), and U_k = (H W_k)^T (d, V); head k is then Z_k + SiLU(P_k + T_k[prev]) U_k. Measured on the demo's
+        decoder (width 192, 30 tokens, K=4): a chain of drafts 145 -> 60 us per call at batch 1. Only for
+        vocabularies no larger than the width (characters, small BPE sets): the tables hold 3(K-1) V x d matrices,
+        as much as several un-embeddings of a large vocabulary. Decoding folds once per batch, so the tables always
+        match the weights."""
         H, E = decoder.lm_head.weight, decoder.embed_tokens.weight
         V, d = H.shape
-        if V > d:
+        if not self.conditional or self.num_heads == 1 or V > d:
             return None
-        params = [H, E, *self.latent, *(m.weight for m in self.mix), *(m.bias for m in self.mix),
-                  *(o.weight for o in self.out)]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        cached = self.__dict__.get("_folded_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                e = F.rms_norm(E, (d,))
-                big = torch.cat([m.weight[:, :d] for m in self.mix] + [H @ a for a in self.latent])
-                tokens = [e @ m.weight[:, d:].T + m.bias for m in self.mix]
-                ups = [(H @ o.weight).T.contiguous() for o in self.out]
-            cached = key, (big, tokens, ups)
-            self.__dict__["_folded_cache"] = cached  # not a buffer: derived, never saved
-        return cached[1]
+        e = F.rms_norm(E, (d,))
+        big = torch.cat([m.weight[:, :d] for m in self.mix] + [H @ a for a in self.latent])
+        tokens = [e @ m.weight[:, d:].T + m.bias for m in self.mix]
+        ups = [(H @ o.weight).T.contiguous() for o in self.out]
+        return big, tokens, ups
 
     def logits(self, decoder: LlamaDecoder, head: int, state: Tensor) -> Tensor:
         """Logits of head `head` (0-based: 0 is the LM head) from its state."""
