@@ -53,6 +53,10 @@ def test_automaton():
     assert mask[0].nonzero().flatten().tolist() == [EOS, SPACE] and mask[1].all()
     with pytest.raises(ValueError, match="holds no words"):
         Lexicon(["", "  "], tok)
+    lex.max_cached_masks = 3  # the mask rows of visited states are cached, within a bound
+    rows = lex.mask(list(range(lex.num_states)))
+    assert len(lex._masks) <= 3
+    assert [r.nonzero().flatten().tolist() for r in rows] == [lex.allowed(s) for s in range(lex.num_states)]
 
 
 def test_real_sentencepiece_words_concatenate(tmp_path):

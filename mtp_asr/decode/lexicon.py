@@ -53,7 +53,8 @@ class Lexicon:
         if clash:
             raise ValueError(f"lexicon {self.name}: the tokenizer splits words so that a word-start token continues "
                              f"{clash[0]!r}; it must mark word boundaries in the first piece (sentencepiece does)")
-        self._masks = {}
+        self._masks = {}  # state -> its mask row, for the states decoding visits
+        self.max_cached_masks = max(1024, 2 ** 26 // self.vocab_size)  # at most 64 MB of rows
 
     @classmethod
     def from_file(cls, path, tokenizer) -> "Lexicon":
@@ -111,6 +112,8 @@ class Lexicon:
         for s in states:
             row = self._masks.get(s)
             if row is None:
+                if len(self._masks) >= self.max_cached_masks:  # a large lexicon over a large vocabulary
+                    self._masks.clear()
                 row = torch.zeros(self.vocab_size, dtype=torch.bool)
                 row[self.allowed(s)] = True
                 self._masks[s] = row
