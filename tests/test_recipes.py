@@ -1,5 +1,6 @@
 """The recipes end to end, as a user runs them: the quick demo (under a path with a space, rerun and resume after a
 failed stage) and the LibriSpeech recipe on a tiny LibriSpeech-layout corpus spoken by espeak-ng."""
+import ast
 import json
 import os
 import shutil
@@ -151,10 +152,20 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
     # Data preparation alone first (a stop before the tokenizer is a success), then the rest resumes from it.
     first = run(recipe, "--corpus-dir", corpus, "--nj", 1, "--stop-stage", 2)
     assert "stage 2: fbank" in first.stdout and "stage 3" not in first.stdout
+    # A Kaldi-style lexicon (word, then its spelling) of every word in the corpus' transcripts.
+    words = sorted({w for f in corpus.rglob("*.trans.txt") for line in f.read_text().splitlines()
+                    for w in line.split()[1:]})
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("".join(f"{w} {' '.join(w)}\n" for w in words))
     proc = run(recipe, "--corpus-dir", corpus, "--lm-conf", "conf/lm_tiny.yaml", "--train-conf", "conf/train_tiny.yaml",
                "--vocab-size", 40, "--lm-epochs", 1, "--asr-epochs", 2, "--avg", 2, "--nj", 1, "--ngpu", 1,
-               "--thresholds", "0.8", "--decode-batch-size", 4, "--ctc-vocab-size", 28)
+               "--thresholds", "0.8", "--decode-batch-size", 4, "--ctc-vocab-size", 28, "--lexicon", lexicon)
     rows = summary_rows(recipe)
+    assert all(r["lexicon"] == str(lexicon) for r in rows)
+    for recogs in (recipe / "exp").rglob("recogs-*.txt"):
+        hyps = [line.split("\thyp=", 1)[1] for line in recogs.read_text().splitlines() if "\thyp=" in line]
+        # (the last word may be cut short where the length limit stopped a hypothesis)
+        assert all(set(ast.literal_eval(h)[:-1]) <= set(words) for h in hyps), recogs
     assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
     base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2-distilled"}
     assert base == {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"}

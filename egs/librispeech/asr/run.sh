@@ -35,6 +35,8 @@ mwer_conf=conf/mwer.yaml
 mwer_epochs=1
 device=auto
 train_args=""      # more `--set key=value` overrides for training, e.g. "--set data.max_duration=300"
+lexicon=""         # a word list or Kaldi lexicon (e.g. librispeech-lexicon.txt): stages 8 and 10 decode with its
+                   # words only (a closed vocabulary); "": any token sequence
 
 help_message="Usage: $0 --corpus-dir DIR [options]
 
@@ -68,6 +70,7 @@ Options (default):
   --device ($device)
   --beam-size ($beam_size)  --beam-threshold ($beam_threshold)  --mwer-conf ($mwer_conf)  --mwer-epochs ($mwer_epochs)
   --train-args (\"\")  extra --set overrides for stages 4, 5 and 9
+  --lexicon (\"\")  a word list or Kaldi lexicon: stages 8 and 10 emit only its words
 "
 
 . tools/parse_options.sh
@@ -196,15 +199,20 @@ if [ "$distill_steps" -gt 0 ]; then
 fi
 
 decode_sets=$(existing $test_parts)
+lex_args=()
+if [ -n "$lexicon" ]; then lex_args=(--lexicon "$lexicon"); fi
 
 if should_run 8 decode; then
   threshold_args=()
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
-  decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}"
+  decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}" \
+    ${lex_args[@]+"${lex_args[@]}"}
   if [ "$draft_tree_nodes" -gt 0 ] && [ -n "$dev_cuts" ]; then
-    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" "$dev_cuts" "mtp-verify ctc-verify"
+    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" "$dev_cuts" "mtp-verify ctc-verify" \
+      ${lex_args[@]+"${lex_args[@]}"}
   fi
-  decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold"
+  decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold" \
+    ${lex_args[@]+"${lex_args[@]}"}
   mark_done decode
 fi
 
@@ -218,8 +226,9 @@ fi
 
 if should_run 10 mwer_decode; then
   mwer_model=exp/mwer/epoch-$mwer_epochs.pt
-  decode_all "$mwer_model" exp/mwer/decode "greedy mtp-verify"
-  decode_all "$mwer_model" exp/mwer/decode mtp-beam --beam-size "$beam_size" --threshold "$beam_threshold"
+  decode_all "$mwer_model" exp/mwer/decode "greedy mtp-verify" ${lex_args[@]+"${lex_args[@]}"}
+  decode_all "$mwer_model" exp/mwer/decode mtp-beam --beam-size "$beam_size" --threshold "$beam_threshold" \
+    ${lex_args[@]+"${lex_args[@]}"}
   mark_done mwer_decode
 fi
 
