@@ -53,6 +53,11 @@ def test_automaton():
     assert mask[0].nonzero().flatten().tolist() == [EOS, SPACE] and mask[1].all()
     with pytest.raises(ValueError, match="holds no words"):
         Lexicon(["", "  "], tok)
+    class NoBoundaryMark(LetterTokenizer):  # words without sentencepiece's word-start mark: "b" both starts a
+        def encode(self, text):              # word and continues "ab", so a state could not tell which
+            return [4 + LETTERS.index(c) for c in text.lower()]
+    with pytest.raises(ValueError, match="word-start token continues 'AB'"):
+        Lexicon(["ab", "b"], NoBoundaryMark())
     lex.max_cached_masks = 3  # the mask rows of visited states are cached, within a bound
     rows = lex.mask(list(range(lex.num_states)))
     assert len(lex._masks) <= 3

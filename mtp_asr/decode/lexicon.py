@@ -36,9 +36,10 @@ class Lexicon:
         self.words = sorted({w for line in words for w in normalize_text(line).split()})
         if not self.words:
             raise ValueError(f"lexicon {self.name} holds no words")
-        for word in self.words:
+        spelled = [(word, tokenizer.encode(word)) for word in self.words]
+        for word, tokens in spelled:
             node = self.start
-            for tok in tokenizer.encode(word):
+            for tok in tokens:
                 nxt = self.children[node].get(tok)
                 if nxt is None:
                     nxt = len(self.children)
@@ -48,11 +49,15 @@ class Lexicon:
                 node = nxt
             self.final[node] = True
         # A word-start token (a child of the root) must never continue a word, or a state would be ambiguous.
-        starts = self.children[self.start]
-        clash = [w for w, n in self._inner_nodes() if set(self.children[n]) & set(starts)]
-        if clash:
-            raise ValueError(f"lexicon {self.name}: the tokenizer splits words so that a word-start token continues "
-                             f"{clash[0]!r}; it must mark word boundaries in the first piece (sentencepiece does)")
+        starts = set(self.children[self.start])
+        for word, tokens in spelled:
+            node = self.start
+            for tok in tokens:
+                node = self.children[node][tok]
+                if starts & set(self.children[node]):
+                    raise ValueError(f"lexicon {self.name}: the tokenizer splits words so that a word-start token "
+                                     f"continues {word!r}; it must mark word boundaries in the first piece "
+                                     f"(sentencepiece does)")
         self._masks = {}  # state -> its mask row, for the states decoding visits
         self.max_cached_masks = max(1024, 2 ** 26 // self.vocab_size)  # at most 64 MB of rows
 
@@ -73,13 +78,6 @@ class Lexicon:
     @property
     def num_states(self) -> int:
         return len(self.children)
-
-    def _inner_nodes(self):
-        stack = [(c, n) for c, n in self.children[self.start].items()]
-        while stack:
-            tok, node = stack.pop()
-            yield tok, node
-            stack.extend(self.children[node].items())
 
     def step(self, state: int, token: int) -> int:
         if state == DEAD:
