@@ -56,7 +56,7 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
         for model in models:
             these = [r for r in rows if r["test_set"] == test_set and r["checkpoint"] == model]
             methods = {r["method"] for r in these}
-            want = {"greedy", "mtp-verify", "mtp-beam"} | ({"mtp-threshold", "ctc-verify", "beam"}
+            want = {"greedy", "mtp-verify", "mtp-beam"} | ({"mtp-threshold", "ctc-verify", "beam", "mtp-beam-verify"}
                                                           if model.startswith("avg") else set())
             assert methods == want, (model, methods)
             trees = {r["method"]: r["draft_tree"] for r in these if r["draft_tree"]}
@@ -168,7 +168,7 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
         assert all(set(ast.literal_eval(h)[:-1]) <= set(words) for h in hyps), recogs
     assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
     base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2-distilled"}
-    assert base == {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"}
+    assert base == {"greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam", "mtp-beam-verify"}
     # mtp-verify and ctc-verify with the tree fitted on dev, per test part
     assert sorted(r["method"] for r in rows if r["draft_tree"]) == ["ctc-verify"] * 2 + ["mtp-verify"] * 2
     assert (recipe / "exp" / "asr" / "decode" / "draft-tree-24.txt").is_file()

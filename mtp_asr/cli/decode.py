@@ -7,10 +7,10 @@ from mtp_asr.cli import main
 from mtp_asr.cli.common import library_call
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-METHOD_CHOICES = ["greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam"]
-BEAM_METHODS = ("beam", "mtp-beam")
+METHOD_CHOICES = ["greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam", "mtp-beam-verify"]
+BEAM_METHODS = ("beam", "mtp-beam", "mtp-beam-verify")
 VERIFY_METHODS = ("mtp-verify", "ctc-verify")
-MTP_METHODS = ("mtp-threshold", "mtp-verify", "ctc-verify", "mtp-beam")  # the ones that use heads 2..K
+MTP_METHODS = ("mtp-threshold", "mtp-verify", "ctc-verify", "mtp-beam", "mtp-beam-verify")  # using heads 2..K
 
 
 def model_options(fn):
@@ -49,7 +49,8 @@ def method_options(fn):
                           "(same output as greedy); ctc-verify: the encoder's CTC transcript drafts the whole "
                           "output, verified --max-draft tokens per call (same output as greedy); beam: next-token "
                           "beam search; mtp-beam: prefix-based beam search over the heads' blocks (--threshold as in "
-                          "mtp-threshold)."),
+                          "mtp-threshold); mtp-beam-verify: next-token beam search whose hypotheses advance along "
+                          "the heads' drafts that head 1 verifies (beam's scores, several tokens per call)."),
         click.option("--max-draft", type=click.IntRange(min=1), default=32, show_default=True,
                      help="ctc-verify: draft tokens verified per decoder call at most."),
         click.option("--draft-tree", callback=tree_option,

@@ -166,7 +166,8 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
                     for w in [""] + list(draft_trees)]
     if beam_size:
         methods += [DecodeSettings("beam", beam_size=beam_size)] + [
-            DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds]
+            DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds] + [
+            DecodeSettings("mtp-beam-verify", beam_size=beam_size)]
     methods = [replace(s, decoder_threads=decoder_threads, lexicon=str(lexicon or "")) for s in methods]
     warm_up = [methods[0], replace(methods[0], method="mtp-verify")] + (methods[-1:] if beam_size else [])
     for settings in warm_up:  # allocator, kernels, caches (and the larger row counts of a beam)

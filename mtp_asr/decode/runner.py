@@ -19,12 +19,14 @@ from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.generate import METHODS, generate
 from mtp_asr.decode.lexicon import Lexicon
 from mtp_asr.decode.tree_spec import parse_tree, tree_name
+from mtp_asr.decode.verify_beam import verify_beam_search
 from mtp_asr.model.speech_llama import SpeechLlama
 from mtp_asr.utils import Progress, cpu_threads
 
 logger = logging.getLogger("mtp_asr")
 
-DECODE_METHODS = METHODS + BEAM_METHODS
+BEAM_SEARCHES = BEAM_METHODS + ("mtp-beam-verify",)
+DECODE_METHODS = METHODS + BEAM_SEARCHES
 
 
 @dataclass
@@ -71,7 +73,7 @@ class DecodeSettings:
 
     @property
     def is_beam(self) -> bool:
-        return self.method in BEAM_METHODS
+        return self.method in BEAM_SEARCHES
 
     @property
     def uses_threshold(self) -> bool:
@@ -197,6 +199,9 @@ def load_lexicon(path: str, tokenizer) -> Lexicon:
 
 
 def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts, lexicon):
+    if settings.method == "mtp-beam-verify":
+        return verify_beam_search(model.lm, prefix, prefix_lens, settings.num_heads, limits, settings.beam_size,
+                                  settings.nbest, settings.length_norm, lexicon)
     if settings.is_beam:
         return beam_search(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
                            limits, settings.beam_size, settings.nbest, settings.length_norm, lexicon=lexicon)

@@ -54,7 +54,7 @@ options: to redo a stage with other options, remove its marker and those after i
   7  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
      skips it; greedy output does not change)
   8  decode the test parts: greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (also with a draft tree
-     fitted on dev), beam, mtp-beam
+     fitted on dev), beam, mtp-beam, mtp-beam-verify
   9  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
   10 decode the MWER model: greedy, mtp-verify, mtp-beam
   11 results table: exp/summary.json and exp/summary.md
@@ -211,7 +211,8 @@ if should_run 8 decode; then
     decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" "$dev_cuts" "mtp-verify ctc-verify" \
       ${lex_args[@]+"${lex_args[@]}"}
   fi
-  decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold" \
+  decode_all "$model" exp/asr/decode "beam mtp-beam mtp-beam-verify" --beam-size "$beam_size" \
+    --threshold "$beam_threshold" \
     ${lex_args[@]+"${lex_args[@]}"}
   mark_done decode
 fi

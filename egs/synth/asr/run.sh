@@ -50,7 +50,7 @@ record the options: to redo a stage with other options, remove its marker and th
      skips it); the trunk and head 1 stay as they are, so greedy output does not change
   9  decode every test set: greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (with a chain of head
      drafts, and with a tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree)
-  10 beam searches: beam and the prefix-based mtp-beam (--beam-size)
+  10 beam searches: beam, the prefix-based mtp-beam and mtp-beam-verify (--beam-size)
   11 MWER fine-tuning on mtp-beam N-best lists (exp/mwer; --mwer-steps)
   12 decode the MWER model: greedy, mtp-verify, mtp-beam
   13 results table: exp/summary.json and exp/summary.md
@@ -224,7 +224,8 @@ if should_run 9 decode; then
 fi
 
 if should_run 10 beam; then
-  decode_all "$model" exp/asr/decode "beam mtp-beam" --beam-size "$beam_size" --threshold "$beam_threshold" \
+  decode_all "$model" exp/asr/decode "beam mtp-beam mtp-beam-verify" --beam-size "$beam_size" \
+    --threshold "$beam_threshold" \
     ${lex_args[@]+"${lex_args[@]}"}
   mark_done beam
 fi

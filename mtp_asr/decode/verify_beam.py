@@ -1,0 +1,161 @@
+"""`mtp-beam-verify` (beyond the paper): next-token beam search that advances along verified drafts.
+
+`mtp-beam` scores a hypothesis' tail with heads 2..K and commits to it, so a confident but wrong tail is never
+revisited. Here tails are drafts, as in `mtp-verify`: each hypothesis feeds its new token and the heads' drafts
+after it; the call computes head 1 at every fed position, so the drafts that head 1 agrees with (its argmax, one
+after another) are kept with head 1's exact log-probabilities, and every kept position is also a branching point:
+head 1's other top-B tokens there become candidates of their own. Every score is head 1's, so this is a beam search
+over the next-token model's scores (the N-best lists are scored like `beam`'s), which moves several tokens per call
+along each hypothesis' greedy continuation. Candidates of different lengths compete in one pool, ranked by
+`score / n ** length_norm` as in `beam`.
+
+Reductions (tests/test_verify_beam.py): with one head it is `beam`; with beam size 1 it emits `greedy`'s tokens
+with `mtp-verify`'s decoder calls.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mtp_asr.decode.beam import BeamOutput, _Partial, _best, _log_softmax, _public
+from mtp_asr.decode.generate import Hypothesis
+from mtp_asr.decode.lexicon import DEAD, Lexicon
+from mtp_asr.model.lm import MTPLanguageModel
+
+
+@torch.inference_mode()
+def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, num_heads: Optional[int] = None,
+                       max_new_tokens=200, beam_size: int = 4, nbest: Optional[int] = None,
+                       length_norm: float = 0.5, lexicon: Optional[Lexicon] = None) -> BeamOutput:
+    """Beam-search every row of `prefix` (B, P, dim) with drafts of heads 2..num_heads verified by head 1. Options
+    as in `mtp_asr.decode.beam.beam_search`."""
+    K = num_heads or lm.num_heads
+    if not 1 <= K <= lm.num_heads:
+        raise ValueError(f"--num-heads must be in 1..{lm.num_heads} for this model (got {K})")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1 (got {beam_size})")
+    nbest = beam_size if nbest is None else nbest
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(f"nbest must be in 1..beam_size ({beam_size}) (got {nbest})")
+    if length_norm < 0:
+        raise ValueError(f"length_norm must be >= 0 (got {length_norm})")
+    n_utts, device = prefix.shape[0], prefix.device
+    limits = torch.as_tensor(max_new_tokens).expand(n_utts).tolist()
+    if min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 for beam search (got {min(limits)})")
+
+    cache = lm.new_cache(n_utts, int(prefix_lens.max()) + max(limits) + 2 * K + 1, prefix_lens, dtype=prefix.dtype)
+    eos, vocab = lm.eos_id, lm.decoder.cfg.vocab_size
+    folded = lm.heads.fold(lm.decoder) if K > 1 else None
+    utt_of = list(range(n_utts))
+    live = [_Partial((), (), (), (), 0.0, 0.0, row=r) for r in range(n_utts)]
+    drafts = [[] for _ in range(n_utts)]  # per live hypothesis: the heads' drafts fed after its pending tokens
+    kept = [[] for _ in range(n_utts)]
+    calls = [0] * n_utts
+    batch_calls = 0
+    block, n_real = prefix, prefix_lens.to(device)
+    while live:
+        x = block if block.dim() == 3 else lm.embed(block)
+        geometry = cache.call_geometry(x.shape[1])
+        states = lm.heads.states(lm.decoder, lm.decoder(x, cache, geometry), cache, geometry, lazy=True)
+        batch_calls += 1
+        depth = max(len(d) for d in drafts) + 1  # head 1 at the last real position and after every draft
+        rows = torch.arange(len(live), device=device)
+        cols = ((n_real - 1)[:, None] + torch.arange(depth, device=device)).clamp(max=x.shape[1] - 1)
+        logits = lm.heads.logits(lm.decoder, 0, states[0][rows[:, None], cols])  # (live, depth, V)
+        if lexicon:
+            logits = lexicon.constrain(logits, _path_states(lexicon, live, drafts, depth))
+        logp = _log_softmax(logits)
+        top_lp, top_tok = logp.topk(min(beam_size, vocab), dim=-1)
+        best = logits.argmax(-1).tolist()
+        draft_lp = [[logp[i, j, t].item() for j, t in enumerate(d)] for i, d in enumerate(drafts)]
+        top_lp, top_tok, base = top_lp.tolist(), top_tok.tolist(), (cache.lengths + n_real).tolist()
+
+        candidates = {}  # utterance -> [(candidate, cache row, cache length)]
+        for i, (hyp, u) in enumerate(zip(live, utt_of)):
+            d = drafts[i]
+            room = limits[u] - len(hyp.tokens) - 1  # drafts that can be kept and still leave room for one token
+            accepted = 0
+            while accepted < min(len(d), room) and d[accepted] == best[i][accepted] and d[accepted] != eos:
+                accepted += 1
+            out = candidates.setdefault(u, [])
+            for a in range(accepted + 1):
+                kept_drafts = list(zip(d[:a], draft_lp[i][:a]))
+                for tok, lp in zip(top_tok[i][a], top_lp[i][a]):
+                    if lp == float("-inf") or (a < accepted and tok == d[a]):  # the draft continues one deeper
+                        continue
+                    cand = _extend_ntp(hyp, i, kept_drafts + [(tok, lp)], eos, limits[u], length_norm)
+                    if lexicon:
+                        cand.lex = lexicon.advance(hyp.lex, cand.tokens[len(hyp.tokens):])
+                    out.append((cand, base[i] + a))
+        next_live, next_utt, lengths = [], [], []
+        for u, cands in candidates.items():
+            calls[u] += 1
+            pool = [(h, -1) for h in kept[u]] + cands
+            order = sorted(range(len(pool)), key=lambda j: -pool[j][0].norm)[:beam_size]  # stable, as `_best`
+            chosen = [pool[j] for j in order]
+            kept[u] = [h for h, _ in chosen if h.ended]
+            for h, length in chosen:
+                if not h.ended:
+                    next_live.append(h)
+                    next_utt.append(u)
+                    lengths.append(length)
+        if not next_live:
+            break
+        parent = torch.tensor([h.row for h in next_live], device=device)
+        new_tok = torch.tensor([h.pending[-1] for h in next_live], device=device)
+        # Heads 2..K at the position each survivor's new token was chosen from: its drafts for the next call.
+        next_drafts = [[] for _ in next_live]
+        if K > 1:
+            # (the column of this call's block: the survivor's cache length, less one, less the row's old length)
+            col = torch.tensor(lengths, device=device) - 1 - cache.lengths[parent]
+            index = (parent, col)
+            constrain = lexicon.chain_constraint([h.lex for h in next_live]) if lexicon else None
+            extra = lm.heads.logits_at(lm.decoder, states, index, range(1, K), new_tok, constrain, folded)
+            next_drafts = extra.argmax(-1).tolist()
+        cache.select(parent)
+        cache.lengths = torch.tensor(lengths, device=device, dtype=cache.lengths.dtype)
+        for h, d in zip(next_live, next_drafts):
+            h.pending = (h.pending[-1],)
+        live, utt_of, drafts = next_live, next_utt, next_drafts
+        width = 1 + max(len(d) for d in drafts)
+        block = torch.zeros(len(live), width, dtype=torch.long)
+        for i, (h, d) in enumerate(zip(live, drafts)):
+            block[i, : 1 + len(d)] = torch.tensor(list(h.pending) + d)
+        block, n_real = block.to(device), torch.ones(len(live), dtype=torch.long, device=device)
+
+    nbest_lists = [[_public(h) for h in kept[u][:nbest]] for u in range(n_utts)]
+    hyps = [Hypothesis(hs[0].tokens, calls[u], hs[0].finished) for u, hs in enumerate(nbest_lists)]
+    return BeamOutput(nbest_lists, hyps, batch_calls)
+
+
+def _extend_ntp(hyp: _Partial, row: int, block: list, eos: int, limit: int, length_norm: float) -> _Partial:
+    """`hyp` extended with `block` [(token, head-1 log-prob)], each token scored from the state before it."""
+    tokens, scores, heads, positions = list(hyp.tokens), list(hyp.scores), list(hyp.heads), list(hyp.positions)
+    score, ended, finished = hyp.score, False, False
+    for tok, lp in block:
+        scores.append(lp)
+        heads.append(1)
+        positions.append(len(tokens))
+        score += lp
+        if tok == eos:
+            ended = finished = True
+            break
+        tokens.append(tok)
+        if len(tokens) >= limit:
+            ended = True
+            break
+    norm = score / len(scores) ** length_norm
+    return _Partial(tuple(tokens), tuple(scores), tuple(heads), tuple(positions), score, norm, ended, finished,
+                    () if ended else (tokens[-1],), row)
+
+
+def _path_states(lexicon: Lexicon, live: list, drafts: list, depth: int) -> list:
+    """Lexicon states at each hypothesis' last real position and after each of its drafts, padded to depth."""
+    out = []
+    for h, d in zip(live, drafts):
+        row = [h.lex]
+        for tok in d:
+            row.append(lexicon.step(row[-1], tok))
+        out += row + [DEAD] * (depth - len(row))
+    return out
