@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mtp_asr.decode.beam import beam_search
+from mtp_asr.decode.verify_beam import verify_beam_search
 from mtp_asr.model.speech_llama import fits_decoder
 from mtp_asr.train.mwer import _searchable, mwer_loss, word_errors
 
@@ -35,6 +36,20 @@ def test_mwer_loss_and_gradient_match_a_hand_computation():
 def test_word_errors_use_the_normaliser():
     assert word_errors("The cat, sat!", "THE CAT SAT") == 0
     assert word_errors("the cat sat", "the hat") == 2
+
+
+def test_rescoring_reproduces_mtp_beam_verify_scores():
+    """mtp-beam-verify's N-best tokens are all head 1's: MWER's re-scoring reproduces them the same way."""
+    lm = tiny_lm(kind="hydra", num_heads=3, vocab=16)
+    prefix, lens = random_prompts(lm, 5, 6, torch.Generator().manual_seed(1))
+    out = verify_beam_search(lm, prefix, lens, max_new_tokens=12, beam_size=3, nbest=3)
+    hyps = [h for per_utt in out.nbest for h in per_utt]
+    owner = torch.tensor([i for i, per_utt in enumerate(out.nbest) for _ in per_utt])
+    with torch.enable_grad():
+        rescored = lm.score_sequences(prefix[owner], lens[owner], [h.tokens for h in hyps], [h.heads for h in hyps],
+                                      [h.positions for h in hyps])
+    for h, r in zip(hyps, rescored):
+        assert r.tolist() == pytest.approx(h.token_scores, abs=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["latent", "layer"])
@@ -74,6 +89,11 @@ def test_mwer_steps_lower_the_expected_wer(tmp_path):
     assert len(expected) == 6
     assert min(expected[-2:]) < expected[0], expected
     assert load_checkpoint(tmp_path / "mwer" / "epoch-6.pt")["kind"] == "speech_llama"
+
+    # N-best lists of mtp-beam-verify (head 1's scores) train as well.
+    verify_cfg = {**mwer_cfg, "num_epochs": 1, "search": "mtp-beam-verify"}
+    assert train_mwer(verify_cfg, tmp_path / "mwer-verify", tmp_path / "ce" / "epoch-3.pt") == 0
+    assert "expected wer" in (tmp_path / "mwer-verify" / "log" / "log-mwer-rank0.txt").read_text()
 
     # The lattice source: paths sampled from everything the search explored.
     lattice_cfg = {**mwer_cfg, "num_epochs": 1, "mwer_source": "lattice", "lattice_backend": "builtin"}

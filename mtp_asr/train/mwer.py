@@ -22,6 +22,7 @@ import torch
 
 from mtp_asr.config import ConfigError
 from mtp_asr.decode.beam import beam_search
+from mtp_asr.decode.verify_beam import verify_beam_search
 from mtp_asr.decode.lattice import MWER_SOURCES, get_backend, mwer_paths
 from mtp_asr.decode.runner import length_limits
 from mtp_asr.model.lm import LossOutput
@@ -36,6 +37,9 @@ logger = logging.getLogger("mtp_asr")
 
 @dataclass
 class MWERConfig(SpeechTrainConfig):
+    # The N-best search: mtp-beam (the paper's; scores under the heads' factorisation) or mtp-beam-verify (head 1's
+    # scores; its lists need no lattice, so mwer_source must be nbest).
+    search: str = "mtp-beam"
     nbest: int = 4  # hypotheses per utterance
     beam_size: int = 4
     threshold: float = 0.9  # mtp-beam's tau
@@ -57,6 +61,10 @@ class MWERConfig(SpeechTrainConfig):
             raise ConfigError("threshold and ce_weight must be >= 0")
         if self.ce_head_weights is not None and (not self.ce_head_weights or min(self.ce_head_weights) < 0):
             raise ConfigError(f"ce_head_weights must be a non-empty list of weights >= 0 (got {self.ce_head_weights})")
+        if self.search not in ("mtp-beam", "mtp-beam-verify"):
+            raise ConfigError(f"search must be mtp-beam or mtp-beam-verify (got {self.search!r})")
+        if self.search == "mtp-beam-verify" and self.mwer_source != "nbest":
+            raise ConfigError("search mtp-beam-verify gives N-best lists only: mwer_source must be nbest")
         if self.mwer_source not in MWER_SOURCES:
             raise ConfigError(f"mwer_source must be one of {', '.join(MWER_SOURCES)} (got {self.mwer_source!r})")
         if self.lattice_backend not in ("auto", "builtin", "k2"):
@@ -101,9 +109,15 @@ class MWERTask(SpeechTask):
                 prefix, prefix_lens = self.model.prompt(enc.audio, enc.audio_lens)
                 limits = length_limits(self.model, lens.tolist(), durations)
                 with cpu_threads(1, feats.device):  # a decoder loop: see DecodeSettings.decoder_threads
-                    out = beam_search(self.model.lm, prefix, prefix_lens, "mtp-beam", self.cfg.num_heads,
-                                      self.cfg.threshold, torch.tensor(limits), self.cfg.beam_size, self.cfg.nbest,
-                                      self.cfg.length_norm, lattice=self.cfg.mwer_source == "lattice")
+                    if self.cfg.search == "mtp-beam-verify":
+                        out = verify_beam_search(self.model.lm, prefix, prefix_lens, self.cfg.num_heads,
+                                                 torch.tensor(limits), self.cfg.beam_size, self.cfg.nbest,
+                                                 self.cfg.length_norm)
+                    else:
+                        out = beam_search(self.model.lm, prefix, prefix_lens, "mtp-beam", self.cfg.num_heads,
+                                          self.cfg.threshold, torch.tensor(limits), self.cfg.beam_size,
+                                          self.cfg.nbest, self.cfg.length_norm,
+                                          lattice=self.cfg.mwer_source == "lattice")
         finally:
             for m, training in modes.items():
                 m.train(training)
