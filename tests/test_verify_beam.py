@@ -58,3 +58,13 @@ def test_saves_calls_on_a_trained_model():
     fast = verify_beam_search(lm, prefix, lens, beam_size=3, max_new_tokens=12)
     assert sum(h.decoder_calls for h in fast.hyps) < 0.7 * sum(h.decoder_calls for h in beam.hyps)  # 0.61x here
     assert [h.tokens for h in fast.hyps] == [h.tokens for h in beam.hyps]
+
+
+def test_argument_errors():
+    lm = tiny_lm("latent", num_heads=3)
+    prefix, lens, limits = random_batch(lm, 2, 1300)
+    for kw, message in (({"num_heads": 4}, "--num-heads must be in 1..3"), ({"beam_size": 0}, "beam_size must be"),
+                        ({"nbest": 5, "beam_size": 4}, "nbest must be in 1..beam_size"),
+                        ({"length_norm": -1}, "length_norm must be >= 0"), ({"max_new_tokens": 0}, ">= 1")):
+        with pytest.raises(ValueError, match=message):
+            verify_beam_search(lm, prefix, lens, **{"max_new_tokens": limits, **kw})

@@ -110,6 +110,7 @@ class _Partial:
     row: int = -1
     node: int = 0  # its state in the utterance's lattice builder (when recording)
     lex: int = Lexicon.start  # its lexicon state (with a lexicon)
+    cached: int = 0  # mtp-beam-verify: the cache slots of its row that it continues from
 
 
 @torch.inference_mode()

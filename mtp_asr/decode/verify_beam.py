@@ -67,16 +67,16 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
             logits = lexicon.constrain(logits, _path_states(lexicon, live, drafts, depth))
         logp = _log_softmax(logits)
         top_lp, top_tok = logp.topk(min(beam_size, vocab), dim=-1)
-        best = logits.argmax(-1).tolist()
+        head1 = logits.argmax(-1).tolist()
         draft_lp = [[logp[i, j, t].item() for j, t in enumerate(d)] for i, d in enumerate(drafts)]
         top_lp, top_tok, base = top_lp.tolist(), top_tok.tolist(), (cache.lengths + n_real).tolist()
 
-        candidates = {}  # utterance -> [(candidate, cache row, cache length)]
+        candidates = {}  # utterance -> candidates
         for i, (hyp, u) in enumerate(zip(live, utt_of)):
             d = drafts[i]
             room = limits[u] - len(hyp.tokens) - 1  # drafts that can be kept and still leave room for one token
             accepted = 0
-            while accepted < min(len(d), room) and d[accepted] == best[i][accepted] and d[accepted] != eos:
+            while accepted < min(len(d), room) and d[accepted] == head1[i][accepted] and d[accepted] != eos:
                 accepted += 1
             out = candidates.setdefault(u, [])
             for a in range(accepted + 1):
@@ -87,19 +87,16 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
                     cand = _extend_ntp(hyp, i, kept_drafts + [(tok, lp)], eos, limits[u], length_norm)
                     if lexicon:
                         cand.lex = lexicon.advance(hyp.lex, cand.tokens[len(hyp.tokens):])
-                    out.append((cand, base[i] + a))
-        next_live, next_utt, lengths = [], [], []
+                    cand.cached = base[i] + a  # its real tokens and the drafts it kept
+                    out.append(cand)
+        next_live, next_utt = [], []
         for u, cands in candidates.items():
             calls[u] += 1
-            pool = [(h, -1) for h in kept[u]] + cands
-            order = sorted(range(len(pool)), key=lambda j: -pool[j][0].norm)[:beam_size]  # stable, as `_best`
-            chosen = [pool[j] for j in order]
-            kept[u] = [h for h, _ in chosen if h.ended]
-            for h, length in chosen:
-                if not h.ended:
-                    next_live.append(h)
-                    next_utt.append(u)
-                    lengths.append(length)
+            best = _best(kept[u] + cands, beam_size)
+            kept[u] = [h for h in best if h.ended]
+            survivors = [h for h in best if not h.ended]
+            next_live += survivors
+            next_utt += [u] * len(survivors)
         if not next_live:
             break
         parent = torch.tensor([h.row for h in next_live], device=device)
@@ -108,13 +105,14 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
         next_drafts = [[] for _ in next_live]
         if K > 1:
             # (the column of this call's block: the survivor's cache length, less one, less the row's old length)
-            col = torch.tensor(lengths, device=device) - 1 - cache.lengths[parent]
+            lengths = torch.tensor([h.cached for h in next_live], device=device)
+            col = lengths - 1 - cache.lengths[parent]
             index = (parent, col)
             constrain = lexicon.chain_constraint([h.lex for h in next_live]) if lexicon else None
             extra = lm.heads.logits_at(lm.decoder, states, index, range(1, K), new_tok, constrain, folded)
             next_drafts = extra.argmax(-1).tolist()
         cache.select(parent)
-        cache.lengths = torch.tensor(lengths, device=device, dtype=cache.lengths.dtype)
+        cache.lengths = torch.tensor([h.cached for h in next_live], device=device, dtype=cache.lengths.dtype)
         for h, d in zip(next_live, next_drafts):
             h.pending = (h.pending[-1],)
         live, utt_of, drafts = next_live, next_utt, next_drafts
