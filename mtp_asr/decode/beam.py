@@ -129,22 +129,11 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
     """
     if method not in BEAM_METHODS:
         raise ValueError(f"unknown beam search method {method!r}; choose from {', '.join(BEAM_METHODS)}")
-    K = 1 if method == "beam" else (num_heads or lm.num_heads)
-    if not 1 <= K <= lm.num_heads:
-        raise ValueError(f"--num-heads must be in 1..{lm.num_heads} for this model (got {K})")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0 (got {threshold})")
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1 (got {beam_size})")
-    nbest = beam_size if nbest is None else nbest
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f"nbest must be in 1..beam_size ({beam_size}) (got {nbest})")
-    if length_norm < 0:
-        raise ValueError(f"length_norm must be >= 0 (got {length_norm})")
+    K = 1 if method == "beam" else (num_heads or lm.num_heads)
     n_utts, device = prefix.shape[0], prefix.device
-    limits = torch.as_tensor(max_new_tokens).expand(n_utts).tolist()
-    if min(limits) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 for beam search (got {min(limits)})")
+    nbest, limits = check_search(lm, K, beam_size, nbest, length_norm, n_utts, max_new_tokens)
 
     cache = lm.new_cache(n_utts, int(prefix_lens.max()) + max(limits) + K + 1, prefix_lens, dtype=prefix.dtype)
     eos, vocab = lm.eos_id, lm.decoder.cfg.vocab_size
@@ -229,20 +218,41 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
                       [b.build() for b in builders] if builders else None)
 
 
+def check_search(lm: MTPLanguageModel, K: int, beam_size: int, nbest: Optional[int], length_norm: float, n_utts: int,
+                 max_new_tokens) -> tuple[int, list]:
+    """The options every beam search shares, checked: returns nbest (default: beam_size) and the per-row limits."""
+    if not 1 <= K <= lm.num_heads:
+        raise ValueError(f"--num-heads must be in 1..{lm.num_heads} for this model (got {K})")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1 (got {beam_size})")
+    nbest = beam_size if nbest is None else nbest
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(f"nbest must be in 1..beam_size ({beam_size}) (got {nbest})")
+    if length_norm < 0:
+        raise ValueError(f"length_norm must be >= 0 (got {length_norm})")
+    limits = torch.as_tensor(max_new_tokens).expand(n_utts).tolist()
+    if min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 for beam search (got {min(limits)})")
+    return nbest, limits
+
+
 def _log_softmax(logits: Tensor) -> Tensor:
     """Log-probabilities in at least float32 (a bf16 model's logits would round the scores)."""
     return torch.log_softmax(logits.float() if logits.dtype.itemsize < 4 else logits, dim=-1)
 
 
-def _extend(hyp: _Partial, row: int, block: list, eos: int, limit: int, length_norm: float) -> _Partial:
-    """`hyp` extended with `block` [(token, log-prob) from heads 1, 2, ...], cut at EOS or at the length limit."""
+def _extend(hyp: _Partial, row: int, block: list, eos: int, limit: int, length_norm: float,
+            next_token: bool = False) -> _Partial:
+    """`hyp` extended with `block` [(token, log-prob)], cut at EOS or at the length limit. The block's k-th token was
+    scored by head k from the state before the block (mtp-beam), or with next_token by head 1 from the state right
+    before it (mtp-beam-verify)."""
     tokens, scores, heads, positions = list(hyp.tokens), list(hyp.scores), list(hyp.heads), list(hyp.positions)
     j = len(hyp.tokens)
     score, ended, finished, fed = hyp.score, False, False, []
     for k, (tok, lp) in enumerate(block, start=1):
         scores.append(lp)
-        heads.append(k)
-        positions.append(j)
+        heads.append(1 if next_token else k)
+        positions.append(len(tokens) if next_token else j)
         score += lp
         if tok == eos:
             ended = finished = True

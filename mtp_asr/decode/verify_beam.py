@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mtp_asr.decode.beam import BeamOutput, _Partial, _best, _log_softmax, _public
+from mtp_asr.decode.beam import BeamOutput, _Partial, _best, _extend, _log_softmax, _pad, _public, check_search
 from mtp_asr.decode.generate import Hypothesis
 from mtp_asr.decode.lexicon import DEAD, Lexicon
 from mtp_asr.model.lm import MTPLanguageModel
@@ -30,19 +30,8 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
     """Beam-search every row of `prefix` (B, P, dim) with drafts of heads 2..num_heads verified by head 1. Options
     as in `mtp_asr.decode.beam.beam_search`."""
     K = num_heads or lm.num_heads
-    if not 1 <= K <= lm.num_heads:
-        raise ValueError(f"--num-heads must be in 1..{lm.num_heads} for this model (got {K})")
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1 (got {beam_size})")
-    nbest = beam_size if nbest is None else nbest
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f"nbest must be in 1..beam_size ({beam_size}) (got {nbest})")
-    if length_norm < 0:
-        raise ValueError(f"length_norm must be >= 0 (got {length_norm})")
     n_utts, device = prefix.shape[0], prefix.device
-    limits = torch.as_tensor(max_new_tokens).expand(n_utts).tolist()
-    if min(limits) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1 for beam search (got {min(limits)})")
+    nbest, limits = check_search(lm, K, beam_size, nbest, length_norm, n_utts, max_new_tokens)
 
     cache = lm.new_cache(n_utts, int(prefix_lens.max()) + max(limits) + 2 * K + 1, prefix_lens, dtype=prefix.dtype)
     eos, vocab = lm.eos_id, lm.decoder.cfg.vocab_size
@@ -68,7 +57,9 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
         logp = _log_softmax(logits)
         top_lp, top_tok = logp.topk(min(beam_size, vocab), dim=-1)
         head1 = logits.argmax(-1).tolist()
-        draft_lp = [[logp[i, j, t].item() for j, t in enumerate(d)] for i, d in enumerate(drafts)]
+        # head 1's log-probability of each draft, from the position before it (padding reads token 0, unused)
+        fed, _ = _pad([d + [0] for d in drafts], device)
+        draft_lp = logp.gather(-1, fed[:, : depth, None])[..., 0].tolist()
         top_lp, top_tok, base = top_lp.tolist(), top_tok.tolist(), (cache.lengths + n_real).tolist()
 
         candidates = {}  # utterance -> candidates
@@ -84,7 +75,8 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
                 for tok, lp in zip(top_tok[i][a], top_lp[i][a]):
                     if lp == float("-inf") or (a < accepted and tok == d[a]):  # the draft continues one deeper
                         continue
-                    cand = _extend_ntp(hyp, i, kept_drafts + [(tok, lp)], eos, limits[u], length_norm)
+                    cand = _extend(hyp, i, kept_drafts + [(tok, lp)], eos, limits[u], length_norm, next_token=True)
+                    cand.pending = cand.pending[-1:]  # the kept drafts are in the cache already
                     if lexicon:
                         cand.lex = lexicon.advance(hyp.lex, cand.tokens[len(hyp.tokens):])
                     cand.cached = base[i] + a  # its real tokens and the drafts it kept
@@ -102,50 +94,24 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
         parent = torch.tensor([h.row for h in next_live], device=device)
         new_tok = torch.tensor([h.pending[-1] for h in next_live], device=device)
         # Heads 2..K at the position each survivor's new token was chosen from: its drafts for the next call.
+        lengths = torch.tensor([h.cached for h in next_live], device=device, dtype=cache.lengths.dtype)
         next_drafts = [[] for _ in next_live]
         if K > 1:
-            # (the column of this call's block: the survivor's cache length, less one, less the row's old length)
-            lengths = torch.tensor([h.cached for h in next_live], device=device)
-            col = lengths - 1 - cache.lengths[parent]
-            index = (parent, col)
+            # The column of this call's block the new token was chosen at: the survivor's cache length, less one,
+            # less its parent row's length before the call.
+            index = (parent, lengths - 1 - cache.lengths[parent])
             constrain = lexicon.chain_constraint([h.lex for h in next_live]) if lexicon else None
             extra = lm.heads.logits_at(lm.decoder, states, index, range(1, K), new_tok, constrain, folded)
             next_drafts = extra.argmax(-1).tolist()
         cache.select(parent)
-        cache.lengths = torch.tensor([h.cached for h in next_live], device=device, dtype=cache.lengths.dtype)
-        for h, d in zip(next_live, next_drafts):
-            h.pending = (h.pending[-1],)
+        cache.lengths = lengths
         live, utt_of, drafts = next_live, next_utt, next_drafts
-        width = 1 + max(len(d) for d in drafts)
-        block = torch.zeros(len(live), width, dtype=torch.long)
-        for i, (h, d) in enumerate(zip(live, drafts)):
-            block[i, : 1 + len(d)] = torch.tensor(list(h.pending) + d)
-        block, n_real = block.to(device), torch.ones(len(live), dtype=torch.long, device=device)
+        block, _ = _pad([list(h.pending) + d for h, d in zip(live, drafts)], device)
+        n_real = torch.ones(len(live), dtype=torch.long, device=device)
 
     nbest_lists = [[_public(h) for h in kept[u][:nbest]] for u in range(n_utts)]
     hyps = [Hypothesis(hs[0].tokens, calls[u], hs[0].finished) for u, hs in enumerate(nbest_lists)]
     return BeamOutput(nbest_lists, hyps, batch_calls)
-
-
-def _extend_ntp(hyp: _Partial, row: int, block: list, eos: int, limit: int, length_norm: float) -> _Partial:
-    """`hyp` extended with `block` [(token, head-1 log-prob)], each token scored from the state before it."""
-    tokens, scores, heads, positions = list(hyp.tokens), list(hyp.scores), list(hyp.heads), list(hyp.positions)
-    score, ended, finished = hyp.score, False, False
-    for tok, lp in block:
-        scores.append(lp)
-        heads.append(1)
-        positions.append(len(tokens))
-        score += lp
-        if tok == eos:
-            ended = finished = True
-            break
-        tokens.append(tok)
-        if len(tokens) >= limit:
-            ended = True
-            break
-    norm = score / len(scores) ** length_norm
-    return _Partial(tuple(tokens), tuple(scores), tuple(heads), tuple(positions), score, norm, ended, finished,
-                    () if ended else (tokens[-1],), row)
 
 
 def _path_states(lexicon: Lexicon, live: list, drafts: list, depth: int) -> list:
