@@ -194,14 +194,7 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
                     cand.node = builders[u].extend(hyp.node, cand.tokens[len(hyp.tokens):], cand.scores[n:],
                                                    cand.heads[n:], cand.finished, cand.positions[n:])
                 out.append(cand)
-        next_live, next_utt = [], []
-        for u, cands in candidates.items():
-            calls[u] += 1
-            best = _best(kept[u] + cands, beam_size)
-            kept[u] = [h for h in best if h.ended]
-            survivors = [h for h in best if not h.ended]
-            next_live += survivors
-            next_utt += [u] * len(survivors)
+        next_live, next_utt = _prune(candidates, kept, calls, beam_size)
         if not next_live:
             break
         cache.select(torch.tensor([h.row for h in next_live], device=device))
@@ -270,6 +263,21 @@ def _extend(hyp: _Partial, row: int, block: list, eos: int, limit: int, length_n
 def _best(pool: list, beam_size: int) -> list:
     """The beam_size best by `norm` (a stable sort: ties keep the pool's order, so batching changes nothing)."""
     return sorted(pool, key=lambda h: -h.norm)[:beam_size]
+
+
+def _prune(candidates: dict, kept: list, calls: list, beam_size: int) -> tuple[list, list]:
+    """One call's pruning, per utterance that took part in it (counted in `calls`): the beam_size best of its ended
+    hypotheses so far and its new candidates; the ended ones stay in `kept`, the live ones and their utterances are
+    returned, to be fed next."""
+    live, utt_of = [], []
+    for u, cands in candidates.items():
+        calls[u] += 1
+        best = _best(kept[u] + cands, beam_size)
+        kept[u] = [h for h in best if h.ended]
+        survivors = [h for h in best if not h.ended]
+        live += survivors
+        utt_of += [u] * len(survivors)
+    return live, utt_of
 
 
 def _pad(blocks: list, device) -> tuple[Tensor, Tensor]:

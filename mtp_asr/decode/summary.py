@@ -72,7 +72,8 @@ def summarize(dirs: Sequence[Path], out: Path) -> str:
     rows = collect(dirs)
     if not rows:
         raise FileNotFoundError(f"no summary-*.json files under {', '.join(map(str, dirs))}")
-    order = {"greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "beam": 4, "mtp-beam": 5, "mtp-beam-verify": 6}
+    order = {"greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "beam": 4, "mtp-beam": 5,
+             "mtp-beam-verify": 6}
     rows.sort(key=lambda s: (s["test_set"], s.get("checkpoint", ""), s.get("lexicon") or "",
                              order.get(s["method"], 9), tree_text(s), s.get("threshold") or 0, s.get("beam_size") or 0))
     add_speedups(rows)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mtp_asr.decode.beam import BeamOutput, _Partial, _best, _extend, _log_softmax, _pad, _public, check_search
+from mtp_asr.decode.beam import BeamOutput, _Partial, _extend, _log_softmax, _pad, _prune, _public, check_search
 from mtp_asr.decode.generate import Hypothesis
 from mtp_asr.decode.lexicon import DEAD, Lexicon
 from mtp_asr.model.lm import MTPLanguageModel
@@ -81,14 +81,7 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
                         cand.lex = lexicon.advance(hyp.lex, cand.tokens[len(hyp.tokens):])
                     cand.cached = base[i] + a  # its real tokens and the drafts it kept
                     out.append(cand)
-        next_live, next_utt = [], []
-        for u, cands in candidates.items():
-            calls[u] += 1
-            best = _best(kept[u] + cands, beam_size)
-            kept[u] = [h for h in best if h.ended]
-            survivors = [h for h in best if not h.ended]
-            next_live += survivors
-            next_utt += [u] * len(survivors)
+        next_live, next_utt = _prune(candidates, kept, calls, beam_size)
         if not next_live:
             break
         parent = torch.tensor([h.row for h in next_live], device=device)
