@@ -125,7 +125,8 @@ class Progress:
     def status(self, extra: str = "") -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.done / elapsed
-        text = f"{self.done:.0f}" + (f"/{self.total:.0f}" if self.total else "") + f" {self.unit}, {rate:.2f} {self.unit}/s"
+        text = (f"{self.done:.0f}" + (f"/{self.total:.0f}" if self.total else "")
+                + f" {self.unit}, {rate:.2f} {self.unit}/s")
         if self.total and rate > 0:
             text += f", ETA {format_seconds((self.total - self.done) / rate)}"
         return text + (f", {extra}" if extra else "")

@@ -10,7 +10,9 @@ import torch
 from lhotse import CutSet
 
 from mtp_asr.config import ConfigError
+from mtp_asr.data.audio import load_audio
 from mtp_asr.data.dataset import AsrDataset, read_cuts
+from mtp_asr.data.fbank import fbank_extractor
 from mtp_asr.data.tokenizer import Tokenizer, train_bpe
 from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.generate import generate
@@ -76,6 +78,24 @@ def test_ctc_pretraining_learns_the_characters(corpus, trained):
     texts = [model.ctc_tokenizer.decode(d) for d in ids]
     errors = sum(kaldialign.edit_distance(list(ref), list(hyp))["total"] for ref, hyp in zip(batch["texts"], texts))
     assert errors <= 0.15 * sum(len(ref) for ref in batch["texts"]), list(zip(texts, batch["texts"]))
+
+
+def test_ctc_method_is_the_ctc_heads_best_path_without_decoder_calls(corpus, trained):
+    model, tokenizer, _ = load_speech_model(trained / "asr" / "epoch-20.pt")
+    cuts = read_cuts(corpus["valid"])
+    res = decode_cuts(model, tokenizer, cuts, DecodeSettings("ctc"), batch_size=3)
+    batch = AsrDataset(None)[cuts]
+    with torch.no_grad():
+        frames, lens = model.encoder(batch["feats"], batch["feat_lens"])
+        ids = ctc_drafts(model.encoder.ctc_log_probs(frames), lens, model.encoder.blank_id)
+    spelled = dict(zip(batch["cut_ids"], (model.ctc_tokenizer.decode(d) for d in ids)))
+    assert {cut_id: hyp for cut_id, _, hyp in res.results} == spelled
+    assert any(spelled.values())
+    summary = res.summary()
+    assert summary["num_decoder_calls"] == 0 and summary["tokens_per_call"] is None
+    assert res.decoder_seconds == 0 and res.encoder_seconds > 0
+    with pytest.raises(ValueError, match="--lexicon applies to the decoder's methods, not --method ctc"):
+        DecodeSettings("ctc", lexicon=str(corpus["tokenizer"]))
 
 
 def test_ctc_verify_retokenises_drafts_and_equals_greedy(corpus, trained, tmp_path):
@@ -205,3 +225,14 @@ def test_transcribe_with_ctc_verify_equals_greedy(trained, audio_writer, tmp_pat
     greedy = transcribe_files(ckpt, 1, files, DecodeSettings("greedy"), device="cpu")
     verify = transcribe_files(ckpt, 1, files, DecodeSettings("ctc-verify"), device="cpu")
     assert verify == greedy and len(verify) == 3
+    # ctc spells its best path with the CTC head's characters, whatever words they make.
+    model, _, _ = load_speech_model(ckpt)
+    extractor = fbank_extractor()
+    spelled = []
+    for f in files:
+        feats = torch.from_numpy(extractor.extract(load_audio(f), 16000)).float()[None]
+        with torch.no_grad():
+            frames, lens = model.encoder(feats, torch.tensor([feats.shape[1]]))
+            (ids,) = ctc_drafts(model.encoder.ctc_log_probs(frames), lens, model.encoder.blank_id)
+        spelled.append((str(f), model.ctc_tokenizer.decode(ids)))
+    assert transcribe_files(ckpt, 1, files, DecodeSettings("ctc"), device="cpu") == spelled

@@ -189,3 +189,6 @@ def test_results_table_names_settings_and_compares_within_one_model():
     rows = add_speedups([row("greedy", 100, "exp/asr/epoch-1.pt"), row("greedy", 50, "exp/mwer/epoch-1.pt"),
                          row("mtp-verify", 25, "exp/asr/epoch-1.pt"), row("mtp-verify", 25, "exp/mwer/epoch-1.pt")])
     assert [r["speedup_calls"] for r in rows[2:]] == [4.0, 2.0]
+    # CTC alone makes no decoder call: no call speed-up rather than greedy's calls over none.
+    (ctc,) = add_speedups([row("greedy", 100, "a"), row("ctc", 0, "a")])[1:]
+    assert ctc["speedup_calls"] is None and ctc["speedup_seconds"] > 0

@@ -7,7 +7,7 @@ from mtp_asr.cli import main
 from mtp_asr.cli.common import library_call
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-METHOD_CHOICES = ["greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam", "mtp-beam-verify"]
+METHOD_CHOICES = ["ctc", "greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam", "mtp-beam-verify"]
 BEAM_METHODS = ("beam", "mtp-beam", "mtp-beam-verify")
 VERIFY_METHODS = ("mtp-verify", "ctc-verify")
 MTP_METHODS = ("mtp-threshold", "mtp-verify", "ctc-verify", "mtp-beam", "mtp-beam-verify")  # using heads 2..K
@@ -44,9 +44,10 @@ lexicon_option = click.option(
 def method_options(fn):
     options = [
         click.option("--method", type=click.Choice(METHOD_CHOICES), default="greedy", show_default=True,
-                     help="greedy: next-token baseline; mtp-threshold: accept head k's token when its probability "
-                          ">= --threshold (lossy); mtp-verify: drafts of heads 2..K checked in the next call "
-                          "(same output as greedy); ctc-verify: the encoder's CTC transcript drafts the whole "
+                     help="ctc: the encoder's CTC head alone (best path, no decoder call; a baseline, without "
+                          "--lexicon); greedy: next-token baseline; mtp-threshold: accept head k's token when its "
+                          "probability >= --threshold (lossy); mtp-verify: drafts of heads 2..K checked in the next "
+                          "call (same output as greedy); ctc-verify: the encoder's CTC transcript drafts the whole "
                           "output, verified --max-draft tokens per call (same output as greedy); beam: next-token "
                           "beam search; mtp-beam: prefix-based beam search over the heads' blocks (--threshold as in "
                           "mtp-threshold); mtp-beam-verify: next-token beam search whose hypotheses advance along "
@@ -75,7 +76,8 @@ def method_options(fn):
 
 
 def tree_option(ctx, param, value):
-    """--draft-tree: checked here (widths '3,2,1' or rank paths '0;1;0.0'), kept as text; several (benchmark): a list."""
+    """--draft-tree: checked here (widths '3,2,1' or rank paths '0;1;0.0'), kept as text; several (benchmark): a
+    list."""
     from mtp_asr.decode.tree_spec import parse_tree
 
     try:
@@ -173,7 +175,8 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b]
     except ValueError:
-        raise click.BadParameter(f"{batch_sizes!r} is not a comma-separated list of integers", param_hint="--batch-sizes")
+        raise click.BadParameter(f"{batch_sizes!r} is not a comma-separated list of integers",
+                                 param_hint="--batch-sizes")
     if not sizes or min(sizes) < 1:
         raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-sizes")
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)

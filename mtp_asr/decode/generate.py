@@ -8,7 +8,8 @@ after that row's accepted positions (see `mtp_asr.model.llama` for the per-row c
 - drafts are guesses, checked in this very call: a draft is accepted when it equals head 1's argmax at the position
   before it and the drafts before it were accepted (blockwise parallel decoding, Stern et al. 2018). The drafts of
   a row form a tree (`mtp_asr.decode.tree`): a chain by default, or with `draft_tree` several combinations of the heads'
-  top candidates (`mtp_asr.decode.tree_spec`), verified at once with tree attention; the accepted path is the longest one that matches.
+  top candidates (`mtp_asr.decode.tree_spec`), verified at once with tree attention; the accepted path is the longest
+  one that matches.
 
 Head 1's argmax at the last kept position is always emitted (the correction after a rejected draft, or a bonus token
 after all were accepted). What happens with heads 2..K at that position is the method:

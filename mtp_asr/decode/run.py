@@ -12,7 +12,7 @@ import torch
 
 from mtp_asr.data.dataset import read_cuts
 from mtp_asr.decode.report import write_results, write_sweep_plot
-from mtp_asr.decode.runner import DecodeSettings, decode_batch, decode_cuts
+from mtp_asr.decode.runner import DecodeSettings, decode_batch, decode_cuts, spelling_tokenizer
 from mtp_asr.model.build import load_speech_model
 from mtp_asr.model.encoder import MIN_FRAMES
 from mtp_asr.score import compute_error_stats
@@ -116,8 +116,9 @@ def run_decode(checkpoint: Path, avg: int, ckpt_name: str, manifests: Sequence[P
                                                                         "checkpoint": ckpt_name,
                                                                         "checkpoint_path": str(checkpoint),
                                                                         "device": device_name(dev)})
-            logger.info("%s %s: WER %.2f%%, %d decoder calls, %.2f tokens/call, RTF %.4f", test_set, suffix,
-                        summary["wer"], summary["num_decoder_calls"], summary["tokens_per_call"], summary["rtf"])
+            logger.info("%s %s: WER %.2f%%, %d decoder calls, %s tokens/call, RTF %.4f", test_set, suffix,
+                        summary["wer"], summary["num_decoder_calls"], summary["tokens_per_call"] or "-",
+                        summary["rtf"])
             sweep.append(summary)
         if len(sweep) > 1:
             # References: greedy, and for mtp-beam the next-token beam search of the same width.
@@ -238,6 +239,7 @@ def transcribe_files(checkpoint: Path, avg: int, files: Sequence[Path], settings
     dev = pick_device(device)
     model, tokenizer, _ = load_speech_model(checkpoint, dev, avg=avg)
     extractor = fbank_extractor()
+    spelling = spelling_tokenizer(model, settings, tokenizer)
     out = []
     for f in files:
         samples = load_audio(f)
@@ -250,5 +252,5 @@ def transcribe_files(checkpoint: Path, avg: int, files: Sequence[Path], settings
                              f"{model.cfg.decoder.max_seq_len} positions); cut it into shorter pieces")
         x, lens = pad_features([feats])
         gen, _, _ = decode_batch(model, x, lens, [seconds], settings, tokenizer)
-        out.append((str(f), tokenizer.decode(gen.hyps[0].tokens)))
+        out.append((str(f), spelling.decode(gen.hyps[0].tokens)))
     return out

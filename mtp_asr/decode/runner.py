@@ -15,8 +15,8 @@ import torch
 
 from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
-from mtp_asr.decode.drafts import ctc_drafts
-from mtp_asr.decode.generate import METHODS, generate
+from mtp_asr.decode.drafts import ctc_drafts, ctc_greedy
+from mtp_asr.decode.generate import METHODS, GenerateOutput, Hypothesis, generate
 from mtp_asr.decode.lexicon import Lexicon
 from mtp_asr.decode.tree_spec import parse_tree, tree_name
 from mtp_asr.decode.verify_beam import verify_beam_search
@@ -26,7 +26,8 @@ from mtp_asr.utils import Progress, cpu_threads
 logger = logging.getLogger("mtp_asr")
 
 BEAM_SEARCHES = BEAM_METHODS + ("mtp-beam-verify",)
-DECODE_METHODS = METHODS + BEAM_SEARCHES
+CTC_METHOD = "ctc"  # the encoder's CTC head alone (best path), no decoder call: what the LLM decoder adds to it
+DECODE_METHODS = (CTC_METHOD,) + METHODS + BEAM_SEARCHES
 
 
 @dataclass
@@ -65,6 +66,8 @@ class DecodeSettings:
             raise ValueError(f"--decoder-threads must be >= 0 (got {self.decoder_threads})")
         self.draft_tree = self.draft_tree or ""
         self.lexicon = str(self.lexicon or "")
+        if self.lexicon and self.method == CTC_METHOD:
+            raise ValueError("--lexicon applies to the decoder's methods, not --method ctc (best-path CTC)")
         if self.lexicon and not Path(self.lexicon).is_file():
             raise ValueError(f"--lexicon {self.lexicon} does not exist")
         parse_tree(self.draft_tree)  # a clear error now rather than at the first batch
@@ -134,7 +137,7 @@ class DecodeResult:
             "num_tokens": self.num_tokens,
             "num_decoder_calls": self.num_decoder_calls,
             "num_batch_calls": self.num_batch_calls,
-            "tokens_per_call": round(self.num_tokens / max(self.num_decoder_calls, 1), 4),
+            "tokens_per_call": round(self.num_tokens / self.num_decoder_calls, 4) if self.num_decoder_calls else None,
             "accepted_per_head": self.accepted_per_head,
             "accepted_from_ctc": self.accepted_from_ctc if self.settings.method == "ctc-verify" else None,
             "encoder_seconds": round(self.encoder_seconds, 4),
@@ -166,12 +169,17 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     enc = model.encode(feats, feat_lens)
     prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
     drafts = None
-    if settings.method == "ctc-verify":
+    if settings.method in (CTC_METHOD, "ctc-verify"):
         # The CTC transcript is a by-product of the encoder pass, so it is timed with the encoder.
         if model.encoder.ctc_head is None:
-            raise ValueError("ctc-verify needs a model with a CTC head (model.encoder.ctc: true)")
-        drafts = ctc_drafts(model.encoder.ctc_log_probs(enc.frames), enc.frame_lens, model.encoder.blank_id,
-                            model.ctc_tokenizer, tokenizer)
+            raise ValueError(f"{settings.method} needs a model with a CTC head (model.encoder.ctc: true)")
+        log_probs = model.encoder.ctc_log_probs(enc.frames)
+        if settings.method == CTC_METHOD:  # in the CTC head's own tokens (see spelling_tokenizer)
+            _sync(device)
+            hyps = [Hypothesis(d, decoder_calls=0, finished=True)
+                    for d in ctc_greedy(log_probs, enc.frame_lens, model.encoder.blank_id)]
+            return GenerateOutput(hyps, batch_calls=0), time.perf_counter() - t0, 0.0
+        drafts = ctc_drafts(log_probs, enc.frame_lens, model.encoder.blank_id, model.ctc_tokenizer, tokenizer)
     _sync(device)
     t1 = time.perf_counter()
     limits = torch.tensor(length_limits(model, feat_lens.tolist(), durations, settings.max_tokens_per_second),
@@ -181,6 +189,12 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
         out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
+
+
+def spelling_tokenizer(model: SpeechLlama, settings: DecodeSettings, tokenizer):
+    """The tokenizer that spells a method's output tokens: the decoder's, or for ctc the CTC head's own (its words
+    need not be spellable in the decoder's tokens)."""
+    return (model.ctc_tokenizer or tokenizer) if settings.method == CTC_METHOD else tokenizer
 
 
 def length_limits(model: SpeechLlama, feat_lens: Sequence[int], durations: Sequence[float],
@@ -217,6 +231,7 @@ def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, b
     batches = batches_by_size(cuts, batch_size)
     bar = Progress(f"{desc} ({settings.label()})", total=sum(len(b) for b in batches), unit="utts")
     head_counts = None
+    spelling = spelling_tokenizer(model, settings, tokenizer)
     for group in batches:
         fits = []
         for cut in group:
@@ -242,7 +257,7 @@ def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, b
             a + b for a, b in zip(head_counts, out.accepted_per_head)]
         res.accepted_from_ctc += getattr(out, "accepted_external", 0)
         for i, (cut_id, ref, hyp) in enumerate(zip(batch["cut_ids"], batch["texts"], out.hyps)):
-            res.results.append((cut_id, ref, tokenizer.decode(hyp.tokens)))
+            res.results.append((cut_id, ref, spelling.decode(hyp.tokens)))
             res.tokens[cut_id] = hyp.tokens
             res.calls[cut_id] = hyp.decoder_calls
             res.finished[cut_id] = hyp.finished

@@ -30,10 +30,12 @@ def _group(s: dict) -> tuple:
 
 
 def add_speedups(rows: list) -> list:
+    """Greedy's decoder calls and seconds over each row's; no call speed-up for rows without decoder calls (ctc)."""
     greedy = {_group(s): s for s in rows if s["method"] == "greedy"}
     for s in rows:
         base = greedy.get(_group(s))
-        s["speedup_calls"] = round(base["num_decoder_calls"] / max(s["num_decoder_calls"], 1), 3) if base else None
+        s["speedup_calls"] = round(base["num_decoder_calls"] / s["num_decoder_calls"], 3) \
+            if base and s["num_decoder_calls"] else None
         s["speedup_seconds"] = round(base["wall_seconds"] / max(s["wall_seconds"], 1e-9), 3) if base else None
     return rows
 
@@ -59,11 +61,12 @@ def markdown(rows: list) -> str:
     lines = [head, "|" + "---|" * 13]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for s in rows:
-        lines.append(
-            f"| {s['test_set']} | {s.get('checkpoint') or '-'} | {method_name(s)} | {fmt(s.get('threshold'), 'g')} | {fmt(s.get('beam_size'), 'd')} | "
-            f"{s['wer']:.2f} | {s['num_decoder_calls']} | {s['tokens_per_call']:.2f} | {s['decoder_seconds']:.2f} | "
-            f"{s['wall_seconds']:.2f} | {fmt(s['speedup_calls'], '.2f')}x | {fmt(s['speedup_seconds'], '.2f')}x | "
-            f"{s['rtf']:.4f} |")
+        cells = [s["test_set"], s.get("checkpoint") or "-", method_name(s), fmt(s.get("threshold"), "g"),
+                 fmt(s.get("beam_size"), "d"), f"{s['wer']:.2f}", s["num_decoder_calls"],
+                 fmt(s["tokens_per_call"], ".2f"), f"{s['decoder_seconds']:.2f}", f"{s['wall_seconds']:.2f}",
+                 fmt(s["speedup_calls"], ".2f") + "x" * (s["speedup_calls"] is not None),
+                 fmt(s["speedup_seconds"], ".2f") + "x" * (s["speedup_seconds"] is not None), f"{s['rtf']:.4f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
@@ -72,7 +75,7 @@ def summarize(dirs: Sequence[Path], out: Path) -> str:
     rows = collect(dirs)
     if not rows:
         raise FileNotFoundError(f"no summary-*.json files under {', '.join(map(str, dirs))}")
-    order = {"greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "beam": 4, "mtp-beam": 5,
+    order = {"ctc": -1, "greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "beam": 4, "mtp-beam": 5,
              "mtp-beam-verify": 6}
     rows.sort(key=lambda s: (s["test_set"], s.get("checkpoint", ""), s.get("lexicon") or "",
                              order.get(s["method"], 9), tree_text(s), s.get("threshold") or 0, s.get("beam_size") or 0))

@@ -46,8 +46,9 @@ def ctc_tokenizer_from_checkpoint(ckpt: dict, model: SpeechLlama, path) -> Optio
 def check_tokenizer(tokenizer: Tokenizer, vocab_size: int, bos_id: int, eos_id: int, what: str) -> None:
     if (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) != (vocab_size, bos_id, eos_id):
         raise ValueError(
-            f"tokenizer {tokenizer} does not match {what}: it has {tokenizer.vocab_size} pieces, bos {tokenizer.bos_id}, "
-            f"eos {tokenizer.eos_id}; the model expects {vocab_size} pieces, bos {bos_id}, eos {eos_id}"
+            f"tokenizer {tokenizer} does not match {what}: it has {tokenizer.vocab_size} pieces, "
+            f"bos {tokenizer.bos_id}, eos {tokenizer.eos_id}; the model expects {vocab_size} pieces, bos {bos_id}, "
+            f"eos {eos_id}"
         )
 
 

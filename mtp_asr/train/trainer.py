@@ -187,7 +187,8 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
-        logger.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch + 1, self.batch_in_epoch, self.step)
+        logger.info("resumed from %s: epoch %d, batch %d, step %d", path, self.epoch + 1, self.batch_in_epoch,
+                    self.step)
 
     def _state(self) -> dict:
         return {
@@ -371,7 +372,8 @@ class Trainer:
         keep = {k: v for k, v in batch.items() if isinstance(v, (torch.Tensor, list, int, float, str))} \
             if isinstance(batch, dict) else {"batch": batch}
         save_checkpoint(path, keep)
-        logger.warning("non-finite loss (%s) at step %d; batch skipped and saved to %s", out.loss.item(), self.step, path)
+        logger.warning("non-finite loss (%s) at step %d; batch skipped and saved to %s", out.loss.item(), self.step,
+                       path)
 
     def _optimizer_step(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
