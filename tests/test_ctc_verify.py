@@ -32,7 +32,14 @@ def test_ctc_greedy_merges_repeats_and_drops_blanks():
 def test_aligner_resumes_after_each_kind_of_error(emitted, expected):
     aligner = DraftAligner([5, 6, 7, 8, 9])
     aligner.advance(emitted)
-    assert aligner.continuation(10) == expected
+    assert aligner.continuations(10, 1) == [expected]
+
+
+def test_aligner_offers_each_equally_good_reading_after_a_correction():
+    aligner = DraftAligner([5, 6, 7, 8, 9])
+    aligner.advance([5, 6, 1])  # 1 replaced 7, or 1 is a token the draft missed before 7
+    assert aligner.continuations(10, 3) == [[8, 9], [7, 8, 9]]  # the substitution first, as with one branch
+    assert aligner.continuations(1, 3) == [[8], [7]]
 
 
 def test_retokenize_uses_the_tokenizer():
@@ -52,11 +59,13 @@ def test_identical_to_greedy_with_random_drafts(kind, rate):
     ref = greedy_tokens(lm, prefix, lens)
     drafts = [torch.randint(0, 16, (int(torch.randint(0, 25, (), generator=g)),), generator=g).tolist()
               for _ in range(12)]
-    for max_draft in (1, 32):
-        out = generate(lm, prefix, lens, "ctc-verify", drafts=drafts, max_new_tokens=20, max_draft=max_draft)
+    for max_draft, branches in ((1, 1), (32, 1), (4, 3)):
+        out = generate(lm, prefix, lens, "ctc-verify", drafts=drafts, max_new_tokens=20, max_draft=max_draft,
+                       draft_branches=branches)
         assert [h.tokens for h in out.hyps] == ref
         single = [generate(lm, prefix[i:i + 1], lens[i:i + 1], "ctc-verify", drafts=drafts[i:i + 1],
-                           max_new_tokens=20, max_draft=max_draft).hyps[0] for i in range(12)]
+                           max_new_tokens=20, max_draft=max_draft, draft_branches=branches).hyps[0]
+                  for i in range(12)]
         assert [h.tokens for h in single] == ref
         assert [h.decoder_calls for h in single] == [h.decoder_calls for h in out.hyps]
 
@@ -115,3 +124,25 @@ def test_perfect_draft_takes_one_call_and_one_wrong_token_one_more():
     out = generate(lm, prefix, lens, "ctc-verify", drafts=wrong, max_new_tokens=20)
     assert [h.tokens for h in out.hyps] == ref
     assert [h.decoder_calls for h in out.hyps] == [1 + c for c in changed]
+
+
+def test_a_missing_draft_token_costs_one_call_with_two_branches_and_two_with_one():
+    """The draft lacks one token: after the correction, one branch resumes as if it had been replaced (wrong here,
+    one more call), the second as if it had been left out (right: the rest is accepted at once)."""
+    g = torch.Generator().manual_seed(2)
+    lm = tiny_lm(kind="latent", num_heads=2, vocab=16)
+    prefix, lens, ref = _finished_rows(lm, g, n=64)
+    # Drop a token that differs from the one before it and the two after it, and they from each other, so that no
+    # third reading fits as well.
+    keep = [i for i, seq in enumerate(ref) if any(len({*seq[j - 1: j + 3]}) == 4 for j in range(1, len(seq) - 2))]
+    assert len(keep) >= 3
+    prefix, lens, ref = prefix[keep], lens[keep], [ref[i] for i in keep]
+    short = []
+    for seq in ref:
+        j = next(j for j in range(1, len(seq) - 2) if len({*seq[j - 1: j + 3]}) == 4)
+        short.append(seq[:j] + seq[j + 1:])
+    for branches, calls in ((1, 3), (2, 2)):
+        out = generate(lm, prefix, lens, "ctc-verify", drafts=short, max_new_tokens=20, num_heads=1,
+                       draft_branches=branches)
+        assert [h.tokens for h in out.hyps] == ref
+        assert [h.decoder_calls for h in out.hyps] == [calls] * len(ref), branches

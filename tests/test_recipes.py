@@ -62,6 +62,7 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
             trees = {r["method"]: r["draft_tree"] for r in these if r["draft_tree"]}
             if model.startswith("avg"):  # the tree of 24 nodes fitted on dev (fewer if fewer rank paths occurred)
                 assert sorted(trees) == ["ctc-verify", "mtp-verify"]  # each also with the tree
+                assert {r["draft_branches"] for r in these if r["method"] == "ctc-verify"} == {1, 2}
                 (tree,) = set(trees.values())
                 assert tree == (recipe / "exp" / "asr" / "decode" / "draft-tree-24.txt").read_text().strip()
                 assert 0 < len(parse_tree(tree)) <= 24 and max(map(len, parse_tree(tree))) <= 3

@@ -232,6 +232,10 @@ USAGE_ERRORS = {
     "draft tree width 0": (["decode", "--method", "ctc-verify", "--draft-tree", "2,0,1"], "widths must be >= 1"),
     "draft tree without verification": (["decode", "--draft-tree", "2,2,2"],
                                         "applies to mtp-verify and ctc-verify only"),
+    "draft branches without ctc-verify": (["decode", "--method", "mtp-verify", "--draft-branches", "2"],
+                                          "applies to ctc-verify only, not --method mtp-verify"),
+    "draft branches 0": (["transcribe", "--method", "ctc-verify", "--draft-branches", "0"],
+                         "'--draft-branches': 0 is not in the range x>=1"),
     "transcribe K < 1": (["transcribe", "-K", "0"], "0 is not in the range x>=1"),
     "K without heads 2..K": (["decode", "-K", "2"], "applies to mtp-threshold, mtp-verify, ctc-verify, mtp-beam and "
                                                     "mtp-beam-verify only, not --method greedy"),

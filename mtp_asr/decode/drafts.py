@@ -42,7 +42,9 @@ class DraftAligner:
 
     `cost[i]` is the edit distance between the emitted tokens and draft[:i]; the continuation starts at the largest
     i with the lowest cost (on a tie between "the draft missed a token" and "the draft has a wrong token", the
-    latter, which continues further along the draft). One numpy pass of O(len(draft)) per emitted token.
+    latter, which continues further along the draft). After a correction the tie is common and either reading may be
+    the right one, so `continuations` offers the draft from each of the last few tied positions, to be verified side
+    by side. One numpy pass of O(len(draft)) per emitted token.
     """
 
     def __init__(self, draft: Sequence[int]):
@@ -60,14 +62,10 @@ class DraftAligner:
             # ...or draft tokens are skipped (from the left): a running minimum of cost - i, plus i.
             self.cost = np.minimum.accumulate(new - self.index) + self.index
 
-    @property
-    def position(self) -> int:
-        best = self.cost.min()
-        return int(np.flatnonzero(self.cost == best)[-1])
-
-    def continuation(self, limit: int) -> list:
-        start = self.position
-        return self.draft[start: start + limit].tolist()
+    def continuations(self, limit: int, branches: int) -> list:
+        """The draft from each of the `branches` largest positions of the lowest cost, the best reading first."""
+        starts = np.flatnonzero(self.cost == self.cost.min())[::-1][:branches]
+        return [self.draft[s: s + limit].tolist() for s in starts]
 
 
 def draft_sequences(drafts: Optional[Sequence[Sequence[int]]], eos: int) -> Optional[list]:

@@ -20,9 +20,9 @@ after all were accepted). What happens with heads 2..K at that position is the m
 - `mtp-verify`: heads 2..K give the next call's drafts (their top-w_k tokens with a draft tree; `hydra` heads one
   after another, each given the token before its own, from the correction on). Output identical to greedy.
 - `ctc-verify`: an external sequence per row (the encoder's CTC transcript, see `mtp_asr.decode.drafts`) drafts up to
-  `max_draft` tokens per call, already in the prefill call, re-aligned to what was emitted after each rejection; the
-  heads' drafts are verified beside it as another branch of the same tree, so a call keeps whichever source guessed
-  further. Output identical to greedy.
+  `max_draft` tokens per call, already in the prefill call, re-aligned to what was emitted after each rejection
+  (with `draft_branches` > 1, from each equally good alignment, a branch each); the heads' drafts are verified beside
+  it as another branch of the same tree, so a call keeps whichever source guessed further. Output identical to greedy.
 
 A row leaves the batch (and its cache rows are dropped) once it emits EOS or reaches its length limit.
 Decoder calls are counted per utterance (the calls its row took part in, independent of batching) and per batch.
@@ -60,14 +60,16 @@ class GenerateOutput:
 @torch.inference_mode()
 def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: str = "greedy",
              num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200,
-             drafts: Optional[Sequence[Sequence[int]]] = None, max_draft: int = 32,
+             drafts: Optional[Sequence[Sequence[int]]] = None, max_draft: int = 32, draft_branches: int = 1,
              draft_tree=(), lexicon: Optional[Lexicon] = None) -> GenerateOutput:
     """Decode every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
 
     num_heads: heads to use (default: all of the model's; `greedy` uses 1). max_new_tokens: an int or a (B,) tensor
     of per-row limits, EOS excluded. drafts (ctc-verify): one token sequence per row (without EOS); max_draft: draft
-    tokens verified per call at most. draft_tree (mtp-verify, ctc-verify): the shape of the tree of head drafts verified
-    per call (`mtp_asr.decode.tree_spec`): `--draft-tree` text, widths per head 2..K, or rank paths; empty: a chain.
+    tokens verified per call at most; draft_branches: after a correction, the draft from up to this many equally good
+    alignments of the emitted text to it, each a branch of the call's tree (`DraftAligner.continuations`).
+    draft_tree (mtp-verify, ctc-verify): the shape of the tree of head drafts verified per call
+    (`mtp_asr.decode.tree_spec`): `--draft-tree` text, widths per head 2..K, or rank paths; empty: a chain.
     lexicon: emit only its words (`mtp_asr.decode.lexicon`); verification then reproduces constrained greedy.
     """
     if method not in METHODS:
@@ -82,8 +84,8 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     limits = torch.as_tensor(max_new_tokens).expand(B).tolist()
     if min(limits) < 1:
         raise ValueError(f"max_new_tokens must be >= 1 for every row (got {limits})")
-    if method == "ctc-verify" and (drafts is None or len(drafts) != B or max_draft < 1):
-        raise ValueError("ctc-verify needs one draft sequence per row and max_draft >= 1")
+    if method == "ctc-verify" and (drafts is None or len(drafts) != B or max_draft < 1 or draft_branches < 1):
+        raise ValueError("ctc-verify needs one draft sequence per row, max_draft >= 1 and draft_branches >= 1")
     verify = method in ("mtp-verify", "ctc-verify")
     rank_paths = tree_paths(draft_tree, K)
     if verify and tree_depth(rank_paths) > K - 1:
@@ -93,7 +95,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
     aligners = [DraftAligner(d) for d in draft_sequences(drafts, lm.eos_id)] if method == "ctc-verify" else None
 
     folded = lm.heads.fold(lm.decoder) if K > 1 else None  # hydra heads' weights, folded once per batch
-    lookahead = (max_draft if aligners else 0) + len(rank_paths) + K
+    lookahead = (max_draft * draft_branches if aligners else 0) + len(rank_paths) + K
     cache = lm.new_cache(B, int(prefix_lens.max()) + max(limits) + 2 * lookahead + 1, prefix_lens,
                          dtype=prefix.dtype)
     rows = torch.arange(B, device=device)  # original row index of each live row
@@ -107,7 +109,7 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
 
     # The first call is the prefill: the prompts are "pending", followed by external drafts if there are any.
     # Drafts never reach past a row's length limit: they could not be emitted, and their positions might not exist.
-    first = ([a.continuation(min(max_draft, n)) for a, n in zip(aligners, limits)] if aligners
+    first = ([a.continuations(min(max_draft, n), 1)[0] for a, n in zip(aligners, limits)] if aligners
              else [[] for _ in range(B)])
     block, _ = lm.append_tokens(prefix, prefix_lens, first)
     n_pending = prefix_lens.clone()
@@ -195,8 +197,8 @@ def generate(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, method: 
             paths = []
             if aligners:
                 aligners[r].advance(new)
-                external = aligners[r].continuation(min(max_draft, limits[r] - len(out[r])))
-                paths.append((external, [0] * len(external)))
+                paths += [(ext, [0] * len(ext)) for ext in
+                          aligners[r].continuations(min(max_draft, limits[r] - len(out[r])), draft_branches)]
             if drafted:
                 paths += [(d, list(range(2, 2 + len(d)))) for d in drafted[i]]
             elif verify and extra_l:

@@ -62,7 +62,7 @@ def eval_cuts(manifest: Path):
 
 def settings_list(method: str, thresholds: Sequence[float], num_heads: Optional[int], **options) -> list:
     """One DecodeSettings per threshold for the methods that take one (default 0.8), else one. options: other fields
-    of DecodeSettings (beam_size, nbest, length_norm, max_draft) that differ from their defaults."""
+    of DecodeSettings (beam_size, nbest, length_norm, max_draft, draft_branches) that differ from their defaults."""
     if method in ("mtp-threshold", "mtp-beam"):
         return [DecodeSettings(method, t, num_heads, **options) for t in (thresholds or [0.8])]
     return [DecodeSettings(method, 1.0, num_heads, **options)]

@@ -40,6 +40,7 @@ class DecodeSettings:
     nbest: Optional[int] = None  # hypotheses kept per utterance by beam methods; None: beam_size
     length_norm: float = 0.5  # beam methods rank by score / length ** length_norm
     max_draft: int = 32  # ctc-verify: draft tokens verified per decoder call at most
+    draft_branches: int = 1  # ctc-verify: CTC continuations verified side by side after a correction
     draft_tree: str = ""  # mtp-verify, ctc-verify: the draft tree's shape (`--draft-tree`, tree_spec); "": a chain
     lexicon: str = ""  # a word list: emit only its words (`mtp_asr.decode.lexicon`); "": any token sequence
     # On the CPU the decoder loop runs on this many threads (0: torch's setting). Its matrix products have a few rows,
@@ -62,6 +63,8 @@ class DecodeSettings:
             raise ValueError(f"--length-norm must be >= 0 (got {self.length_norm})")
         if self.max_draft < 1:
             raise ValueError(f"--max-draft must be >= 1 (got {self.max_draft})")
+        if self.draft_branches < 1:
+            raise ValueError(f"--draft-branches must be >= 1 (got {self.draft_branches})")
         if self.decoder_threads < 0:
             raise ValueError(f"--decoder-threads must be >= 0 (got {self.decoder_threads})")
         self.draft_tree = self.draft_tree or ""
@@ -89,7 +92,7 @@ class DecodeSettings:
         if self.uses_threshold:
             text += f"-tau{self.threshold:g}"
         if self.method == "ctc-verify":
-            text += f"-D{self.max_draft}"
+            text += f"-D{self.max_draft}" + (f"-br{self.draft_branches}" if self.draft_branches > 1 else "")
         if tree_name(self.draft_tree):
             text += "-tree" + tree_name(self.draft_tree)
         if self.lexicon:
@@ -130,6 +133,7 @@ class DecodeResult:
             "draft_tree": self.settings.draft_tree or None,
             "lexicon": self.settings.lexicon or None,
             "max_draft": self.settings.max_draft if self.settings.method == "ctc-verify" else None,
+            "draft_branches": self.settings.draft_branches if self.settings.method == "ctc-verify" else None,
             "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,
@@ -220,8 +224,8 @@ def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, l
         return beam_search(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
                            limits, settings.beam_size, settings.nbest, settings.length_norm, lexicon=lexicon)
     return generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
-                    limits, drafts=drafts, max_draft=settings.max_draft, draft_tree=settings.draft_tree,
-                    lexicon=lexicon)
+                    limits, drafts=drafts, max_draft=settings.max_draft, draft_branches=settings.draft_branches,
+                    draft_tree=settings.draft_tree, lexicon=lexicon)
 
 
 def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, batch_size: int = 16,

@@ -48,10 +48,13 @@ def tree_text(s: dict) -> str:
 
 def method_name(s: dict) -> str:
     """The method with the settings the other columns do not show: heads used when fewer than the model's, the CTC
-    draft length, the draft tree, a lexicon (e.g. `ctc-verify D8 tree 24nodes`, `mtp-verify K2`, `greedy lex`)."""
+    draft length and branches, the draft tree, a lexicon (e.g. `ctc-verify D8 br2 tree 24nodes`, `mtp-verify K2`,
+    `greedy lex`)."""
     tree = tree_name(tree_text(s))
     return (s["method"] + (f" K{s['num_heads']}" if s.get("num_heads") else "")
-            + (f" D{s['max_draft']}" if s.get("max_draft") else "") + (f" tree {tree}" if tree else "")
+            + (f" D{s['max_draft']}" if s.get("max_draft") else "")
+            + (f" br{s['draft_branches']}" if (s.get("draft_branches") or 1) > 1 else "")
+            + (f" tree {tree}" if tree else "")
             + (" lex" if s.get("lexicon") else ""))
 
 
@@ -81,10 +84,9 @@ def summarize(dirs: Sequence[Path], out: Path) -> str:
                              order.get(s["method"], 9), tree_text(s), s.get("threshold") or 0, s.get("beam_size") or 0))
     add_speedups(rows)
     out = Path(out)
-    atomic_write_text(out, json.dumps([{k: s.get(k) for k in COLUMNS + ("checkpoint", "batch_size", "draft_tree",
-                                                                       "lexicon", "num_utts", "num_tokens", "file")}
-                                       for s in rows],
-                                      indent=2) + "\n")
+    keys = COLUMNS + ("checkpoint", "batch_size", "max_draft", "draft_branches", "draft_tree", "lexicon", "num_utts",
+                      "num_tokens", "file")
+    atomic_write_text(out, json.dumps([{k: s.get(k) for k in keys} for s in rows], indent=2) + "\n")
     table = markdown(rows)
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     return table

@@ -54,7 +54,7 @@ options: to redo a stage with other options, remove its marker and those after i
   7  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
      skips it; greedy output does not change)
   8  decode the test parts: the CTC head alone (ctc), greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify
-     (also with a draft tree fitted on dev), beam, mtp-beam, mtp-beam-verify
+     (also with a draft tree fitted on dev, ctc-verify then with --draft-branches 2), beam, mtp-beam, mtp-beam-verify
   9  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
   10 decode the MWER model: greedy, mtp-verify, mtp-beam
   11 results table: exp/summary.json and exp/summary.md
@@ -209,8 +209,12 @@ if should_run 8 decode; then
     ${lex_args[@]+"${lex_args[@]}"}
   decode_all "$model" exp/asr/decode ctc  # the encoder's CTC head alone: what the LLM decoder adds to it
   if [ "$draft_tree_nodes" -gt 0 ] && [ -n "$dev_cuts" ]; then
-    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" "$dev_cuts" "mtp-verify ctc-verify" \
+    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" "$dev_cuts" mtp-verify \
       ${lex_args[@]+"${lex_args[@]}"}
+    # ctc-verify with the tree also verifies the CTC draft from both readings of each correction (--draft-branches)
+    tree=$(cat "exp/asr/decode/draft-tree-$draft_tree_nodes.txt")
+    decode_all "$model" exp/asr/decode ctc-verify --draft-tree "$tree" \
+      --draft-branches 2 ${lex_args[@]+"${lex_args[@]}"}
   fi
   decode_all "$model" exp/asr/decode "beam mtp-beam mtp-beam-verify" --beam-size "$beam_size" \
     --threshold "$beam_threshold" \

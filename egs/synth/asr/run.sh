@@ -50,7 +50,8 @@ record the options: to redo a stage with other options, remove its marker and th
   8  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
      skips it); the trunk and head 1 stay as they are, so greedy output does not change
   9  decode every test set: the CTC head alone (ctc), greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify
-     (with a chain of head drafts, and with a tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree)
+     (with a chain of head drafts, and with a tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree;
+     ctc-verify's tree run also verifies the CTC draft from two readings of each correction, --draft-branches 2)
   10 beam searches: beam, the prefix-based mtp-beam and mtp-beam-verify (--beam-size)
   11 MWER fine-tuning on mtp-beam N-best lists (exp/mwer; --mwer-steps)
   12 decode the MWER model: greedy, mtp-verify, mtp-beam
@@ -219,8 +220,12 @@ if should_run 9 decode; then
   if [ "$lexicon" = true ]; then decode_all "$model" exp/asr/decode greedy; fi  # the same model without it
   decode_all "$model" exp/asr/decode ctc  # the encoder's CTC head alone: what the LLM decoder adds to it
   if [ "$draft_tree_nodes" -gt 0 ]; then
-    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" dev "mtp-verify ctc-verify" --max-draft 8 \
-      ${lex_args[@]+"${lex_args[@]}"}
+    decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" dev mtp-verify ${lex_args[@]+"${lex_args[@]}"}
+    # ctc-verify with the tree also verifies the CTC draft from both readings of each correction (a wrong token or
+    # a missing one): 4% fewer calls on dev, for more positions per call.
+    tree=$(cat "exp/asr/decode/draft-tree-$draft_tree_nodes.txt")
+    decode_all "$model" exp/asr/decode ctc-verify --draft-tree "$tree" \
+      --max-draft 8 --draft-branches 2 ${lex_args[@]+"${lex_args[@]}"}
   fi
   mark_done decode
 fi
