@@ -154,6 +154,9 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,
               help="Draft tokens verified per call in the ctc-verify rows (default 32); repeatable. Each call costs "
                    "in proportion to the positions it verifies where compute is the bottleneck (a CPU).")
+@click.option("--draft-branches", "draft_branches", type=click.IntRange(min=1), multiple=True,
+              help="CTC draft continuations verified after a correction in the ctc-verify rows (default 1); "
+                   "repeatable.")
 @click.option("--draft-tree", "draft_trees", multiple=True, callback=tree_option,
               help="Also run mtp-verify and ctc-verify with this draft tree (widths, e.g. 3,2,1, or rank paths as "
                    "`mtp-asr draft-tree` prints them); "
@@ -164,7 +167,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  decoder_threads, lexicon, beam_size, max_drafts, draft_trees, repeats, out_dir):
+                  decoder_threads, lexicon, beam_size, max_drafts, draft_branches, draft_trees, repeats, out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
@@ -186,7 +189,8 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
         raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-sizes")
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
-                  beam_size=beam_size, max_drafts=list(max_drafts) or [32], draft_trees=draft_trees,
+                  beam_size=beam_size, max_drafts=list(max_drafts) or [32],
+                  draft_branches=list(draft_branches) or [1], draft_trees=draft_trees,
                   decoder_threads=decoder_threads, lexicon=lexicon, repeats=repeats)
 
 
