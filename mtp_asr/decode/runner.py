@@ -179,13 +179,14 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
             raise ValueError(f"{settings.method} needs a model with a CTC head (model.encoder.ctc: true)")
         log_probs = model.encoder.ctc_log_probs(enc.frames)
         if settings.method == CTC_METHOD:  # in the CTC head's own tokens (see spelling_tokenizer)
-            _sync(device)
-            hyps = [Hypothesis(d, decoder_calls=0, finished=True)
-                    for d in ctc_greedy(log_probs, enc.frame_lens, model.encoder.blank_id)]
-            return GenerateOutput(hyps, batch_calls=0), time.perf_counter() - t0, 0.0
-        drafts = ctc_drafts(log_probs, enc.frame_lens, model.encoder.blank_id, model.ctc_tokenizer, tokenizer)
+            drafts = ctc_greedy(log_probs, enc.frame_lens, model.encoder.blank_id)
+        else:
+            drafts = ctc_drafts(log_probs, enc.frame_lens, model.encoder.blank_id, model.ctc_tokenizer, tokenizer)
     _sync(device)
     t1 = time.perf_counter()
+    if settings.method == CTC_METHOD:  # the best path is the transcript: no decoder call
+        return GenerateOutput([Hypothesis(d, decoder_calls=0, finished=True) for d in drafts], batch_calls=0), \
+            t1 - t0, 0.0
     limits = torch.tensor(length_limits(model, feat_lens.tolist(), durations, settings.max_tokens_per_second),
                           device=device)
     lexicon = load_lexicon(settings.lexicon, tokenizer) if settings.lexicon else None

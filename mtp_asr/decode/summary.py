@@ -63,12 +63,12 @@ def markdown(rows: list) -> str:
             "speed-up (calls) | speed-up (wall) | RTF |")
     lines = [head, "|" + "---|" * 13]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    times = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
     for s in rows:
         cells = [s["test_set"], s.get("checkpoint") or "-", method_name(s), fmt(s.get("threshold"), "g"),
                  fmt(s.get("beam_size"), "d"), f"{s['wer']:.2f}", s["num_decoder_calls"],
                  fmt(s["tokens_per_call"], ".2f"), f"{s['decoder_seconds']:.2f}", f"{s['wall_seconds']:.2f}",
-                 fmt(s["speedup_calls"], ".2f") + "x" * (s["speedup_calls"] is not None),
-                 fmt(s["speedup_seconds"], ".2f") + "x" * (s["speedup_seconds"] is not None), f"{s['rtf']:.4f}"]
+                 times(s["speedup_calls"]), times(s["speedup_seconds"]), f"{s['rtf']:.4f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
