@@ -71,6 +71,11 @@ def method_options(fn):
         click.option("--length-norm", type=click.FloatRange(min=0),
                      help="Beam methods rank hypotheses by score / length ** this (default 0.5; 1: per-token "
                           "average; 0: plain sum, which favours early EOS)."),
+        click.option("--max-tokens-per-second", type=click.FloatRange(min=0, min_open=True), default=30.0,
+                     show_default=True,
+                     help="Length limit: an output ends after 10 + this x audio seconds tokens without EOS (the "
+                          "summary counts them; raise it for tokens faster than that, e.g. characters of fast "
+                          "speech at 24 per second)."),
         decoder_threads_option,
         lexicon_option,
     ]
@@ -118,7 +123,8 @@ def options_for(methods: tuple, method: str, **options) -> dict:
               help="Result directory (default: EXP_DIR/<method>, or the checkpoint's directory/<method>).")
 @library_call
 def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_branches, draft_tree,
-               beam_size, length_norm, decoder_threads, lexicon, manifests, thresholds, nbest, batch_size, out_dir):
+               beam_size, length_norm, max_tokens_per_second, decoder_threads, lexicon, manifests, thresholds, nbest,
+               batch_size, out_dir):
     """Decode cut sets; write icefall-style results per set and setting.
 
     In OUT_DIR: recogs-<set>-<suffix>.txt, errs-<set>-<suffix>.txt (alignment, WER, per-utterance, substitutions,
@@ -132,7 +138,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
     options = {**options_for(BEAM_METHODS, method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
                **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                **options_for(("ctc-verify",), method, draft_branches=draft_branches), "max_draft": max_draft,
-               "decoder_threads": decoder_threads, "lexicon": lexicon}
+               "max_tokens_per_second": max_tokens_per_second, "decoder_threads": decoder_threads, "lexicon": lexicon}
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     out_dir = out_dir or path.parent / method
@@ -228,14 +234,14 @@ def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, ma
 @click.argument("files", type=FILE, nargs=-1, required=True)
 @library_call
 def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_branches, draft_tree,
-                   beam_size, length_norm, decoder_threads, lexicon, threshold, files):
+                   beam_size, length_norm, max_tokens_per_second, decoder_threads, lexicon, threshold, files):
     """Print `FILE<TAB>transcript` for each audio file (wav, flac, ogg, mp3; any sample rate; mono or stereo)."""
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
 
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     settings = DecodeSettings(method, threshold, num_heads, max_draft=max_draft, decoder_threads=decoder_threads,
-                              lexicon=lexicon,
+                              lexicon=lexicon, max_tokens_per_second=max_tokens_per_second,
                               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                               **options_for(("ctc-verify",), method, draft_branches=draft_branches),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))

@@ -35,7 +35,10 @@ class DecodeSettings:
     method: str = "greedy"
     threshold: float = 1.0  # tau of mtp-threshold and mtp-beam
     num_heads: Optional[int] = None  # heads used by MTP methods; None: all of the model's
-    max_tokens_per_second: float = 15.0  # length limit: 10 + this x audio seconds (EOS excluded)
+    # Length limit: 10 + this x audio seconds (EOS excluded). A guard against runaway outputs that must never cut a
+    # real transcript short: characters of fast speech come at up to 24 per second in the demo corpus (15, the
+    # earlier value, cut 22% of its test utterances short; egs/synth/asr/RESULTS.md).
+    max_tokens_per_second: float = 30.0
     beam_size: int = 4  # beam and mtp-beam
     nbest: Optional[int] = None  # hypotheses kept per utterance by beam methods; None: beam_size
     length_norm: float = 0.5  # beam methods rank by score / length ** length_norm
@@ -63,6 +66,8 @@ class DecodeSettings:
             raise ValueError(f"--length-norm must be >= 0 (got {self.length_norm})")
         if self.max_draft < 1:
             raise ValueError(f"--max-draft must be >= 1 (got {self.max_draft})")
+        if self.max_tokens_per_second <= 0:
+            raise ValueError(f"--max-tokens-per-second must be > 0 (got {self.max_tokens_per_second})")
         if self.draft_branches < 1:
             raise ValueError(f"--draft-branches must be >= 1 (got {self.draft_branches})")
         if self.decoder_threads < 0:
@@ -122,6 +127,11 @@ class DecodeResult:
     accepted_per_head: list = field(default_factory=list)
     accepted_from_ctc: int = 0  # ctc-verify: emitted tokens that were CTC draft tokens
 
+    @property
+    def num_length_limited(self) -> int:
+        """Utterances whose output the length limit ended (no EOS): cut short, or a runaway."""
+        return sum(not done for done in self.finished.values())
+
     def summary(self) -> dict:
         secs = self.encoder_seconds + self.decoder_seconds
         return {
@@ -137,6 +147,8 @@ class DecodeResult:
             "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,
+            "max_tokens_per_second": self.settings.max_tokens_per_second,
+            "num_length_limited": self.num_length_limited,
             "audio_seconds": round(self.audio_seconds, 3),
             "num_tokens": self.num_tokens,
             "num_decoder_calls": self.num_decoder_calls,
@@ -272,5 +284,9 @@ def decode_cuts(model: SpeechLlama, tokenizer, cuts, settings: DecodeSettings, b
                 res.nbest[cut_id] = [{"text": tokenizer.decode(h.tokens), **asdict(h)} for h in out.nbest[i]]
         bar.update(len(group))
     bar.close(f"{res.num_tokens / max(res.num_decoder_calls, 1):.2f} tokens/call")
+    if res.num_length_limited:
+        logger.warning("%s: %d of %d utterances ended at the length limit (10 + %g tokens per second of audio) "
+                       "without EOS: cut short, or runaways; --max-tokens-per-second raises the limit", desc,
+                       res.num_length_limited, len(res.results), settings.max_tokens_per_second)
     res.accepted_per_head = head_counts or []
     return res
