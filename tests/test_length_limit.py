@@ -62,3 +62,18 @@ def test_max_tokens_per_second_option(corpus, checkpoint, tmp_path):
     summary = json.loads(path.read_text())
     assert summary["max_tokens_per_second"] == 0.5 and summary["num_length_limited"] >= 1
     assert "ended at the length limit" in result.output
+
+
+def test_transcribe_takes_the_limit(checkpoint, audio_writer, tmp_path):
+    """`transcribe --max-tokens-per-second`: the untrained model, which rarely says EOS, transcribes 2 s of audio into
+    11 tokens with 0.5 per second and into more with 5."""
+    audio = tmp_path / "a.wav"
+    audio_writer(audio, 2.0)
+    lengths = []
+    for rate in ("0.5", "5"):
+        result = CliRunner().invoke(main, ["transcribe", "--checkpoint", str(checkpoint), "--device", "cpu",
+                                           "--max-tokens-per-second", rate, str(audio)])
+        assert result.exit_code == 0, result.output
+        name, text = result.output.strip().splitlines()[-1].split("\t")
+        lengths.append(len(text))
+    assert 0 < lengths[0] < lengths[1]
