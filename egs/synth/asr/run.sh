@@ -51,7 +51,8 @@ record the options: to redo a stage with other options, remove its marker and th
      skips it); the trunk and head 1 stay as they are, so greedy output does not change
   9  decode every test set: the CTC head alone (ctc), greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify
      (with a chain of head drafts, and with a tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree;
-     ctc-verify's tree run also verifies the CTC draft from two readings of each correction, --draft-branches 2)
+     ctc-verify's tree run verifies up to 32 CTC draft tokens per call, not 8, from two readings of each
+     correction, --draft-branches 2)
   10 beam searches: beam, the prefix-based mtp-beam and mtp-beam-verify (--beam-size)
   11 MWER fine-tuning on mtp-beam N-best lists (exp/mwer; --mwer-steps)
   12 decode the MWER model: greedy, mtp-verify, mtp-beam
@@ -214,18 +215,20 @@ if [ "$lexicon" = true ]; then lex_args=(--lexicon "$lang/words.txt"); fi
 if should_run 9 decode; then
   threshold_args=()
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
-  # ctc-verify checks 8 draft tokens per call: as many calls saved as with 32, and each call is cheaper.
+  # ctc-verify checks 8 draft tokens per call here: on a CPU the fastest in wall-clock (32 take 20% fewer calls but
+  # each costs more; RESULTS.md). The tree run below spends positions for calls.
   decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}" \
     --max-draft 8 ${lex_args[@]+"${lex_args[@]}"}
   if [ "$lexicon" = true ]; then decode_all "$model" exp/asr/decode greedy; fi  # the same model without it
   decode_all "$model" exp/asr/decode ctc  # the encoder's CTC head alone: what the LLM decoder adds to it
   if [ "$draft_tree_nodes" -gt 0 ]; then
     decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" dev mtp-verify ${lex_args[@]+"${lex_args[@]}"}
-    # ctc-verify with the tree also verifies the CTC draft from both readings of each correction (a wrong token or
-    # a missing one): 4% fewer calls on dev, for more positions per call.
+    # ctc-verify with the tree, up to 32 draft tokens per call (the default), and the CTC draft verified from both
+    # readings of each correction (a wrong token or a missing one): dev 1436 calls with 8 draft tokens, 1208 with 16,
+    # 1101 with 32, 1078 with 64 (greedy 8350), for more positions per call.
     tree=$(cat "exp/asr/decode/draft-tree-$draft_tree_nodes.txt")
     decode_all "$model" exp/asr/decode ctc-verify --draft-tree "$tree" \
-      --max-draft 8 --draft-branches 2 ${lex_args[@]+"${lex_args[@]}"}
+      --max-draft 32 --draft-branches 2 ${lex_args[@]+"${lex_args[@]}"}
   fi
   mark_done decode
 fi
