@@ -1,4 +1,5 @@
-"""Fixtures shared by the data tests: tiny audio corpora written on the fly (Kaldi and LibriSpeech layouts)."""
+"""Fixtures shared by the tests: tiny audio corpora written on the fly (Kaldi and LibriSpeech layouts), and a tiny
+feature corpus with an untrained two-head model for the decoding-option tests."""
 import os
 from pathlib import Path
 
@@ -87,3 +88,19 @@ def audio_writer():
 def kaldi_writer():
     """The `write_kaldi_dir` helper, for tests that build their own data dirs."""
     return write_kaldi_dir
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """A feature corpus of 4 training and 4 validation cuts with its tokenizer (`train_fixtures.make_corpus`)."""
+    from train_fixtures import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("corpus"), n_train=4, n_valid=4)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(small_corpus, tmp_path_factory):
+    """An untrained Speech-LLaMA checkpoint with 2 heads over `small_corpus`'s tokenizer."""
+    from model_fixtures import speech_checkpoint
+
+    return speech_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", small_corpus["tokenizer"], num_heads=2)

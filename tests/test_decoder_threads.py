@@ -1,7 +1,5 @@
 """The decoder loop's CPU threads (`--decoder-threads`): set for the search only, restored after it, recorded."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,30 +11,17 @@ from mtp_asr.cli import main
 from mtp_asr.decode.runner import DecodeSettings, decode_cuts
 from mtp_asr.model.build import load_speech_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from model_fixtures import speech_checkpoint  # noqa: E402
-from train_fixtures import make_corpus  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"), n_train=4, n_valid=4)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(corpus, tmp_path_factory):
-    return speech_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", corpus["tokenizer"], num_heads=2)
-
 
 @pytest.mark.parametrize("method", ["greedy", "mtp-verify", "beam"])
-def test_search_runs_on_the_decoder_threads_and_restores_the_count(corpus, checkpoint, monkeypatch, method):
+def test_search_runs_on_the_decoder_threads_and_restores_the_count(small_corpus, small_checkpoint, monkeypatch,
+                                                                    method):
     seen = []
     for name in ("generate", "beam_search"):
         real = getattr(runner, name)
         monkeypatch.setattr(runner, name, lambda *a, _real=real, **k: (seen.append(torch.get_num_threads()),
                                                                         _real(*a, **k))[1])
-    model, tokenizer, _ = load_speech_model(checkpoint)
-    cuts = load_manifest(corpus["valid"])
+    model, tokenizer, _ = load_speech_model(small_checkpoint)
+    cuts = load_manifest(small_corpus["valid"])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -50,15 +35,14 @@ def test_search_runs_on_the_decoder_threads_and_restores_the_count(corpus, check
     assert one.summary()["decoder_threads"] == 1
 
 
-def test_decoder_threads_option(corpus, checkpoint, tmp_path):
-    bad = CliRunner().invoke(main, ["decode", "--checkpoint", str(checkpoint), "--cuts", str(corpus["valid"]),
-                                    "--decoder-threads", "-1", "--out-dir", str(tmp_path)])
+def test_decoder_threads_option(small_corpus, small_checkpoint, tmp_path):
+    decode = ["decode", "--checkpoint", str(small_checkpoint), "--cuts", str(small_corpus["valid"])]
+    bad = CliRunner().invoke(main, decode + ["--decoder-threads", "-1", "--out-dir", str(tmp_path)])
     assert bad.exit_code != 0 and "--decoder-threads" in bad.output
     with pytest.raises(ValueError, match="--decoder-threads"):
         DecodeSettings("greedy", decoder_threads=-1)
     out = tmp_path / "decode"
-    result = CliRunner().invoke(main, ["decode", "--checkpoint", str(checkpoint), "--cuts", str(corpus["valid"]),
-                                       "--decoder-threads", "2", "--out-dir", str(out), "--device", "cpu"])
+    result = CliRunner().invoke(main, decode + ["--decoder-threads", "2", "--out-dir", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     (summary,) = out.glob("summary-*.json")
     assert json.loads(summary.read_text())["decoder_threads"] == 2
