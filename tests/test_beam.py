@@ -341,8 +341,8 @@ def test_decode_and_benchmark_commands(tmp_path):
     assert [r["method"] for r in rows] == ["greedy", "mtp-threshold-tau0.5", "mtp-verify", "mtp-verify-tree3x2",
                                            "ctc-verify-D4", "ctc-verify-D4-tree3x2", "ctc-verify-D4-br2",
                                            "ctc-verify-D4-br2-tree3x2", "ctc-verify-D32", "ctc-verify-D32-tree3x2",
-                                           "ctc-verify-D32-br2", "ctc-verify-D32-br2-tree3x2", "beam-B2",
-                                           "mtp-beam-tau0.5-B2", "mtp-beam-verify-B2"]
+                                           "ctc-verify-D32-br2", "ctc-verify-D32-br2-tree3x2", "ctc-rescore-w0.5",
+                                           "beam-B2", "mtp-beam-tau0.5-B2", "mtp-beam-verify-B2"]
     for name in ("mtp-verify-tree3x2", "ctc-verify-D4", "ctc-verify-D4-tree3x2", "ctc-verify-D4-br2-tree3x2",
                  "ctc-verify-D32"):
         assert next(r for r in rows if r["method"] == name)["same_as_greedy"] == 1.0

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtp_asr.decode.drafts import DraftAligner, ctc_greedy, retokenize
+from mtp_asr.decode.ctc_search import ctc_greedy
+from mtp_asr.decode.drafts import DraftAligner, retokenize
 from mtp_asr.decode.generate import generate
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -80,10 +80,10 @@ def test_ctc_pretraining_learns_the_characters(corpus, trained):
     assert errors <= 0.15 * sum(len(ref) for ref in batch["texts"]), list(zip(texts, batch["texts"]))
 
 
-def test_ctc_method_is_the_ctc_heads_best_path_without_decoder_calls(corpus, trained):
+def test_ctc_method_is_the_ctc_heads_best_path_without_decoder_calls(corpus, trained, tmp_path):
     model, tokenizer, _ = load_speech_model(trained / "asr" / "epoch-20.pt")
     cuts = read_cuts(corpus["valid"])
-    res = decode_cuts(model, tokenizer, cuts, DecodeSettings("ctc"), batch_size=3)
+    res = decode_cuts(model, tokenizer, cuts, DecodeSettings("ctc", ctc_beam_size=1), batch_size=3)
     batch = AsrDataset(None)[cuts]
     with torch.no_grad():
         frames, lens = model.encoder(batch["feats"], batch["feat_lens"])
@@ -94,8 +94,13 @@ def test_ctc_method_is_the_ctc_heads_best_path_without_decoder_calls(corpus, tra
     summary = res.summary()
     assert summary["num_decoder_calls"] == 0 and summary["tokens_per_call"] is None
     assert res.decoder_seconds == 0 and res.encoder_seconds > 0
-    with pytest.raises(ValueError, match="--lexicon applies to the decoder's methods, not --method ctc"):
-        DecodeSettings("ctc", lexicon=str(corpus["tokenizer"]))
+    # With a lexicon (spelled in the CTC head's own characters), a prefix beam search keeps to its words.
+    lexicon = tmp_path / "words.txt"
+    lexicon.write_text("\n".join(WORDS) + "\n")
+    constrained = decode_cuts(model, tokenizer, cuts, DecodeSettings("ctc", lexicon=str(lexicon)), batch_size=3)
+    words = [w for _, _, hyp in constrained.results for w in hyp.split()]
+    assert words and set(words) <= set(WORDS)
+    assert constrained.summary()["ctc_beam_size"] == 16 and constrained.num_decoder_calls == 0
 
 
 def test_ctc_verify_retokenises_drafts_and_equals_greedy(corpus, trained, tmp_path):
@@ -235,4 +240,4 @@ def test_transcribe_with_ctc_verify_equals_greedy(trained, audio_writer, tmp_pat
             frames, lens = model.encoder(feats, torch.tensor([feats.shape[1]]))
             (ids,) = ctc_drafts(model.encoder.ctc_log_probs(frames), lens, model.encoder.blank_id)
         spelled.append((str(f), model.ctc_tokenizer.decode(ids)))
-    assert transcribe_files(ckpt, 1, files, DecodeSettings("ctc"), device="cpu") == spelled
+    assert transcribe_files(ckpt, 1, files, DecodeSettings("ctc", ctc_beam_size=1), device="cpu") == spelled

@@ -57,7 +57,8 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
             these = [r for r in rows if r["test_set"] == test_set and r["checkpoint"] == model]
             methods = {r["method"] for r in these}
             want = {"greedy", "mtp-verify", "mtp-beam"} | (
-                {"ctc", "mtp-threshold", "ctc-verify", "beam", "mtp-beam-verify"} if model.startswith("avg") else set())
+                {"ctc", "mtp-threshold", "ctc-verify", "ctc-rescore", "beam", "mtp-beam-verify"}
+                if model.startswith("avg") else set())
             assert methods == want, (model, methods)
             trees = {r["method"]: r["draft_tree"] for r in these if r["draft_tree"]}
             if model.startswith("avg"):  # the tree of 24 nodes fitted on dev (fewer if fewer rank paths occurred)
@@ -69,20 +70,24 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
             else:
                 assert trees == {}, (model, trees)
             # every decoder method with the lexicon of the training text; greedy also without it, and the CTC head
-            # alone (the first model)
+            # alone (the first model) without it (best path) and with it (a beam search over its words)
             words = str(Path("data") / "lang_char" / "words.txt")
             plain = [r["method"] for r in these if not r["lexicon"]]
             assert plain == (["ctc", "greedy"] if model.startswith("avg") else []) and all(
                 r["lexicon"] == words for r in these if r["lexicon"])
             greedy = next(r for r in these if r["method"] == "greedy" and r["lexicon"])
-            ctc = next((r for r in these if r["method"] == "ctc"), None)
-            assert ctc is None or (ctc["num_decoder_calls"] == 0 and ctc["speedup_calls"] is None)
+            ctcs = [r for r in these if r["method"] == "ctc"]
+            assert all(r["num_decoder_calls"] == 0 and r["speedup_calls"] is None for r in ctcs)
+            assert sorted(r["ctc_beam_size"] for r in ctcs) == ([1, 16] if model.startswith("avg") else [])
+            rescore = [r for r in these if r["method"] == "ctc-rescore"]
+            assert all(r["num_decoder_calls"] == 2 * r["num_utts"] for r in rescore)
             for r in these:
                 if r["method"] in ("mtp-verify", "ctc-verify"):
                     assert r["wer"] == greedy["wer"]  # lossless methods
                     assert r["num_decoder_calls"] < greedy["num_decoder_calls"]
     assert "| test | avg-epoch-3-avg-2-distilled | greedy |" in first.stdout
-    assert "| test | avg-epoch-3-avg-2-distilled | ctc | - | - |" in first.stdout
+    assert "| test | avg-epoch-3-avg-2-distilled | ctc ctcB1 | - | - |" in first.stdout
+    assert "| test | avg-epoch-3-avg-2-distilled | ctc ctcB16 lex | - | - |" in first.stdout
     assert "| test | avg-epoch-3-avg-2-distilled | greedy lex |" in first.stdout
     lexicon = (recipe / "data" / "lang_char" / "words.txt").read_text().split()
     assert lexicon == sorted(set(lexicon)) and len(lexicon) > 100
@@ -168,14 +173,14 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
     rows = summary_rows(recipe)
     assert all(r["lexicon"] == str(lexicon) for r in rows if r["method"] != "ctc")
     for recogs in (recipe / "exp").rglob("recogs-*.txt"):
-        if "-ctc-bs" in recogs.name:  # the CTC head alone spells what it hears
+        if "-ctc-ctcB1-bs" in recogs.name:  # the CTC head's best path spells what it hears
             continue
         hyps = [line.split("\thyp=", 1)[1] for line in recogs.read_text().splitlines() if "\thyp=" in line]
         # (the last word may be cut short where the length limit stopped a hypothesis)
         assert all(set(ast.literal_eval(h)[:-1]) <= set(words) for h in hyps), recogs
     assert {r["test_set"] for r in rows} == {"test-clean", "test-other"}
     base = {r["method"] for r in rows if r["checkpoint"] == "avg-epoch-2-avg-2-distilled"}
-    assert base == {"ctc", "greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam",
+    assert base == {"ctc", "greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "ctc-rescore", "beam", "mtp-beam",
                     "mtp-beam-verify"}
     # mtp-verify and ctc-verify with the tree fitted on dev, per test part
     assert sorted(r["method"] for r in rows if r["draft_tree"]) == ["ctc-verify"] * 2 + ["mtp-verify"] * 2

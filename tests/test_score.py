@@ -183,6 +183,7 @@ def test_results_table_names_settings_and_compares_within_one_model():
                 "method": method, "num_decoder_calls": calls, "wall_seconds": calls / 100, **extra}
 
     assert method_name(row("ctc-verify", 1, "a", max_draft=8, draft_tree="0;1;0.0")) == "ctc-verify D8 tree 3nodes"
+    assert method_name(row("ctc", 1, "a", ctc_beam_size=16, lexicon="w.txt")) == "ctc ctcB16 lex"
     assert method_name(row("mtp-verify", 1, "a", num_heads=2, draft_tree="1,1")) == "mtp-verify K2 tree 1x1"
     assert method_name(row("mtp-verify", 1, "a")) == "mtp-verify"
     # Two models whose files share a name (exp/asr/epoch-1.pt, exp/mwer/epoch-1.pt) each against its own greedy.

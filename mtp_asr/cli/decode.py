@@ -7,9 +7,11 @@ from mtp_asr.cli import main
 from mtp_asr.cli.common import library_call
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-METHOD_CHOICES = ["ctc", "greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "beam", "mtp-beam", "mtp-beam-verify"]
+METHOD_CHOICES = ["ctc", "greedy", "mtp-threshold", "mtp-verify", "ctc-verify", "ctc-rescore", "beam", "mtp-beam",
+                  "mtp-beam-verify"]
 BEAM_METHODS = ("beam", "mtp-beam", "mtp-beam-verify")
 VERIFY_METHODS = ("mtp-verify", "ctc-verify")
+CTC_METHODS = ("ctc", "ctc-verify", "ctc-rescore")
 MTP_METHODS = ("mtp-threshold", "mtp-verify", "ctc-verify", "mtp-beam", "mtp-beam-verify")  # using heads 2..K
 
 
@@ -34,6 +36,13 @@ decoder_threads_option = click.option(
          "rows: a second thread costs more to wake than it saves (egs/synth/asr/RESULTS.md).")
 
 
+ctc_beam_option = click.option(
+    "--ctc-beam-size", type=click.IntRange(min=1),
+    help="ctc, ctc-verify, ctc-rescore: the CTC transcript is a prefix beam search of this many prefixes, over "
+         "the --lexicon's words when one is given (default 16; 1 without a lexicon: best path); ctc-rescore scores "
+         "its final prefixes.")
+
+
 lexicon_option = click.option(
     "--lexicon", type=FILE,
     help="A word list (one word per line, or Kaldi's words.txt): every method emits only its words, spelled as the "
@@ -44,11 +53,15 @@ lexicon_option = click.option(
 def method_options(fn):
     options = [
         click.option("--method", type=click.Choice(METHOD_CHOICES), default="greedy", show_default=True,
-                     help="ctc: the encoder's CTC head alone (best path, no decoder call; a baseline, without "
-                          "--lexicon); greedy: next-token baseline; mtp-threshold: accept head k's token when its "
-                          "probability >= --threshold (lossy); mtp-verify: drafts of heads 2..K checked in the next "
-                          "call (same output as greedy); ctc-verify: the encoder's CTC transcript drafts the whole "
-                          "output, verified --max-draft tokens per call (same output as greedy); beam: next-token "
+                     help="ctc: the encoder's CTC head alone (its prefix beam search, --ctc-beam-size; no "
+                          "decoder call: a baseline); greedy: next-token baseline; mtp-threshold: accept head k's "
+                          "token when its probability >= --threshold (lossy); mtp-verify: drafts of heads 2..K "
+                          "checked in the next call (same output as greedy); ctc-verify: the encoder's CTC "
+                          "transcript drafts the whole output, verified --max-draft tokens per call (same output as "
+                          "greedy); ctc-rescore: the "
+                          "CTC search's hypotheses scored by the decoder, two calls per utterance (the prompt, then "
+                          "every hypothesis at once); the best by --ctc-weight x CTC + (1 - it) x decoder "
+                          "log-probability wins (lossy); beam: next-token "
                           "beam search; mtp-beam: prefix-based beam search over the heads' blocks (--threshold as in "
                           "mtp-threshold); mtp-beam-verify: next-token beam search whose hypotheses advance along "
                           "the heads' drafts that head 1 verifies (beam's scores, several tokens per call)."),
@@ -76,6 +89,9 @@ def method_options(fn):
                      help="Length limit: an output ends after 10 + this x audio seconds tokens without EOS (the "
                           "summary counts them; raise it for tokens faster than that, e.g. characters of fast "
                           "speech at 24 per second)."),
+        ctc_beam_option,
+        click.option("--ctc-weight", type=click.FloatRange(0, 1),
+                     help="ctc-rescore: the CTC log-probability's weight beside the decoder's (default 0.5)."),
         decoder_threads_option,
         lexicon_option,
     ]
@@ -123,8 +139,8 @@ def options_for(methods: tuple, method: str, **options) -> dict:
               help="Result directory (default: EXP_DIR/<method>, or the checkpoint's directory/<method>).")
 @library_call
 def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_branches, draft_tree,
-               beam_size, length_norm, max_tokens_per_second, decoder_threads, lexicon, manifests, thresholds, nbest,
-               batch_size, out_dir):
+               beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, decoder_threads, lexicon,
+               manifests, thresholds, nbest, batch_size, out_dir):
     """Decode cut sets; write icefall-style results per set and setting.
 
     In OUT_DIR: recogs-<set>-<suffix>.txt, errs-<set>-<suffix>.txt (alignment, WER, per-utterance, substitutions,
@@ -138,6 +154,8 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
     options = {**options_for(BEAM_METHODS, method, beam_size=beam_size, nbest=nbest, length_norm=length_norm),
                **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                **options_for(("ctc-verify",), method, draft_branches=draft_branches), "max_draft": max_draft,
+               **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
+               **options_for(("ctc-rescore",), method, ctc_weight=ctc_weight),
                "max_tokens_per_second": max_tokens_per_second, "decoder_threads": decoder_threads, "lexicon": lexicon}
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
@@ -155,6 +173,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--num-threads", type=click.IntRange(min=1), help="torch CPU threads (fixed for fair timing).")
 @decoder_threads_option
 @lexicon_option
+@ctc_beam_option
 @click.option("--beam-size", type=click.IntRange(min=1),
               help="Also run beam and mtp-beam (at every threshold) with this beam width.")
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,
@@ -173,7 +192,8 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  decoder_threads, lexicon, beam_size, max_drafts, draft_branches, draft_trees, repeats, out_dir):
+                  decoder_threads, lexicon, ctc_beam_size, beam_size, max_drafts, draft_branches, draft_trees, repeats,
+                  out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
@@ -197,7 +217,7 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
                   beam_size=beam_size, max_drafts=list(max_drafts) or [32],
                   draft_branches=list(draft_branches) or [1], draft_trees=draft_trees,
-                  decoder_threads=decoder_threads, lexicon=lexicon, repeats=repeats)
+                  decoder_threads=decoder_threads, lexicon=lexicon, repeats=repeats, ctc_beam_size=ctc_beam_size)
 
 
 @main.command("draft-tree")
@@ -234,7 +254,8 @@ def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, ma
 @click.argument("files", type=FILE, nargs=-1, required=True)
 @library_call
 def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_branches, draft_tree,
-                   beam_size, length_norm, max_tokens_per_second, decoder_threads, lexicon, threshold, files):
+                   beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, decoder_threads, lexicon,
+                   threshold, files):
     """Print `FILE<TAB>transcript` for each audio file (wav, flac, ogg, mp3; any sample rate; mono or stereo)."""
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
@@ -244,6 +265,8 @@ def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, m
                               lexicon=lexicon, max_tokens_per_second=max_tokens_per_second,
                               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                               **options_for(("ctc-verify",), method, draft_branches=draft_branches),
+                              **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
+                              **options_for(("ctc-rescore",), method, ctc_weight=ctc_weight),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     for name, text in transcribe_files(path, n_avg, files, settings, device):

@@ -1,25 +1,19 @@
 """External drafts for verification decoding: the encoder's CTC transcript, re-aligned as the decoder corrects it.
 
-The CTC head sees the whole utterance, so its greedy output drafts the entire transcript for free (the encoder runs
-anyway). The decoder then verifies long stretches of it per call. When the decoder rejects a draft token and emits
-its own, the rest of the CTC draft is not thrown away: `DraftAligner` keeps an end-free edit-distance alignment of
-everything emitted so far against the CTC sequence and drafts from where the emitted text ends in it, so a CTC
-substitution, insertion or deletion costs one extra call instead of the rest of the draft.
+The CTC head sees the whole utterance, so its transcript (`mtp_asr.decode.ctc_search`: best path, or a prefix beam
+search over the lexicon's words) drafts the entire output for next to nothing (the encoder runs anyway). The decoder
+then verifies long stretches of it per call. When the decoder rejects a draft token and emits its own, the rest of
+the CTC draft is not thrown away: `DraftAligner` keeps an end-free edit-distance alignment of everything emitted so
+far against the CTC sequence and drafts from where the emitted text ends in it, so a CTC substitution, insertion or
+deletion costs one extra call instead of the rest of the draft.
 """
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-
-def ctc_greedy(log_probs: torch.Tensor, lens: torch.Tensor, blank: int) -> list:
-    """Best-path CTC decoding: argmax per frame, repeats merged, blanks removed; one token list per row."""
-    best = log_probs.argmax(-1).cpu()
-    out = []
-    for row, n in zip(best, lens.tolist()):
-        seq = torch.unique_consecutive(row[:n])
-        out.append([t for t in seq.tolist() if t != blank])
-    return out
+from mtp_asr.decode.ctc_search import ctc_transcripts
+from mtp_asr.decode.lexicon import Lexicon
 
 
 def retokenize(texts: Sequence[str], tokenizer) -> list:
@@ -27,11 +21,13 @@ def retokenize(texts: Sequence[str], tokenizer) -> list:
     return [tokenizer.encode(t) for t in texts]
 
 
-def ctc_drafts(log_probs: torch.Tensor, lens: torch.Tensor, blank: int, ctc_tokenizer=None, tokenizer=None) -> list:
-    """CTC greedy transcripts as decoder tokens: as they are when the CTC head predicts the decoder's tokens, else
+def ctc_drafts(log_probs: torch.Tensor, lens: torch.Tensor, blank: int, ctc_tokenizer=None, tokenizer=None,
+               beam: int = 1, lexicon: Optional[Lexicon] = None) -> list:
+    """CTC transcripts (`ctc_transcripts`: best path, or a prefix beam search over `lexicon`'s words, a lexicon over
+    the CTC head's tokens) as decoder tokens: as they are when the CTC head predicts the decoder's tokens, else
     decoded with the CTC head's own tokenizer and re-tokenised with the decoder's. Re-tokenised text may split
     differently from what the decoder emits; the aligner absorbs that as it absorbs CTC errors."""
-    drafts = ctc_greedy(log_probs, lens, blank)
+    drafts = ctc_transcripts(log_probs, lens, blank, beam, lexicon)
     if ctc_tokenizer is None:
         return drafts
     return retokenize([ctc_tokenizer.decode(d) for d in drafts], tokenizer)

@@ -143,7 +143,7 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
                   out_dir: Path, device: str = "auto", warmup_utts: int = 4, max_utts: int = 0,
                   beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,),
                   draft_branches: Sequence[int] = (1,), draft_trees: Sequence[str] = (), decoder_threads: int = 1,
-                  lexicon: Optional[Path] = None, repeats: int = 1) -> list:
+                  lexicon: Optional[Path] = None, repeats: int = 1, ctc_beam_size: Optional[int] = None) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
     greedy run; `mtp-verify` and `ctc-verify` (for a model with a CTC head, at every draft length in `max_drafts` and
     number of branches in `draft_branches`) with a chain of head drafts and with each of `draft_trees`; `beam` and
@@ -163,8 +163,10 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
     methods = [DecodeSettings("greedy")] + [DecodeSettings("mtp-threshold", t) for t in thresholds] + [
         DecodeSettings("mtp-verify")] + [DecodeSettings("mtp-verify", draft_tree=w) for w in draft_trees]
     if model.encoder.ctc_head is not None:
-        methods += [DecodeSettings("ctc-verify", max_draft=d, draft_branches=b, draft_tree=w) for d in max_drafts
-                    for b in draft_branches for w in [""] + list(draft_trees)]
+        ctc_beam = {"ctc_beam_size": ctc_beam_size} if ctc_beam_size else {}  # else DecodeSettings' default
+        methods += [DecodeSettings("ctc-verify", max_draft=d, draft_branches=b, draft_tree=w, **ctc_beam)
+                    for d in max_drafts for b in draft_branches for w in [""] + list(draft_trees)]
+        methods += [DecodeSettings("ctc-rescore", **ctc_beam)]
     if beam_size:
         methods += [DecodeSettings("beam", beam_size=beam_size)] + [
             DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds] + [

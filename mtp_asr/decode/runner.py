@@ -15,7 +15,9 @@ import torch
 
 from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
-from mtp_asr.decode.drafts import ctc_drafts, ctc_greedy
+from mtp_asr.decode.ctc_search import ctc_transcripts
+from mtp_asr.decode.drafts import ctc_drafts
+from mtp_asr.decode.rescore import ctc_hypotheses, rescore_nbest
 from mtp_asr.decode.generate import METHODS, GenerateOutput, Hypothesis, generate
 from mtp_asr.decode.lexicon import Lexicon
 from mtp_asr.decode.tree_spec import parse_tree, tree_name
@@ -26,8 +28,9 @@ from mtp_asr.utils import Progress, cpu_threads
 logger = logging.getLogger("mtp_asr")
 
 BEAM_SEARCHES = BEAM_METHODS + ("mtp-beam-verify",)
-CTC_METHOD = "ctc"  # the encoder's CTC head alone (best path), no decoder call: what the LLM decoder adds to it
-DECODE_METHODS = (CTC_METHOD,) + METHODS + BEAM_SEARCHES
+CTC_METHOD = "ctc"  # the encoder's CTC head alone, no decoder call: what the LLM decoder adds to it
+CTC_RESCORE = "ctc-rescore"  # the CTC head's N-best scored by the decoder in one call (mtp_asr.decode.rescore)
+DECODE_METHODS = (CTC_METHOD,) + METHODS + (CTC_RESCORE,) + BEAM_SEARCHES
 
 
 @dataclass
@@ -46,6 +49,13 @@ class DecodeSettings:
     draft_branches: int = 1  # ctc-verify: CTC continuations verified side by side after a correction
     draft_tree: str = ""  # mtp-verify, ctc-verify: the draft tree's shape (`--draft-tree`, tree_spec); "": a chain
     lexicon: str = ""  # a word list: emit only its words (`mtp_asr.decode.lexicon`); "": any token sequence
+    # ctc, ctc-verify: the CTC transcript is a prefix beam search of this many prefixes (over the lexicon's words with
+    # --lexicon); 1 without a lexicon: best path. On the demo's dev set with its lexicon, 16 rather than best path:
+    # CTC alone 19.3% WER instead of 42.7%, and 19% fewer ctc-verify calls (egs/synth/asr/RESULTS.md).
+    ctc_beam_size: int = 16
+    # ctc-rescore: the CTC score's weight beside the decoder's (1 - this). Chosen on the demo's dev set, where 0.2 to
+    # 0.6 give WER within 0.2 points of each other.
+    ctc_weight: float = 0.5
     # On the CPU the decoder loop runs on this many threads (0: torch's setting). Its matrix products have a few rows,
     # and with passive OpenMP waiting (mtp_asr.cli) waking a second thread costs about 100 us per product, more than
     # the product itself: one thread decodes the demo model 1.3x to 3.5x faster than two (egs/synth/asr/RESULTS.md).
@@ -74,8 +84,10 @@ class DecodeSettings:
             raise ValueError(f"--decoder-threads must be >= 0 (got {self.decoder_threads})")
         self.draft_tree = self.draft_tree or ""
         self.lexicon = str(self.lexicon or "")
-        if self.lexicon and self.method == CTC_METHOD:
-            raise ValueError("--lexicon applies to the decoder's methods, not --method ctc (best-path CTC)")
+        if not 0 <= self.ctc_weight <= 1:
+            raise ValueError(f"--ctc-weight must be in [0, 1] (got {self.ctc_weight})")
+        if self.ctc_beam_size < 1:
+            raise ValueError(f"--ctc-beam-size must be >= 1 (got {self.ctc_beam_size})")
         if self.lexicon and not Path(self.lexicon).is_file():
             raise ValueError(f"--lexicon {self.lexicon} does not exist")
         parse_tree(self.draft_tree)  # a clear error now rather than at the first batch
@@ -85,6 +97,10 @@ class DecodeSettings:
     @property
     def is_beam(self) -> bool:
         return self.method in BEAM_SEARCHES
+
+    @property
+    def uses_ctc(self) -> bool:
+        return self.method in (CTC_METHOD, "ctc-verify", CTC_RESCORE)
 
     @property
     def uses_threshold(self) -> bool:
@@ -98,6 +114,10 @@ class DecodeSettings:
             text += f"-tau{self.threshold:g}"
         if self.method == "ctc-verify":
             text += f"-D{self.max_draft}" + (f"-br{self.draft_branches}" if self.draft_branches > 1 else "")
+        if self.uses_ctc and self.ctc_beam_size != DecodeSettings.ctc_beam_size:
+            text += f"-ctcB{self.ctc_beam_size}"
+        if self.method == CTC_RESCORE:
+            text += f"-w{self.ctc_weight:g}"
         if tree_name(self.draft_tree):
             text += "-tree" + tree_name(self.draft_tree)
         if self.lexicon:
@@ -144,6 +164,8 @@ class DecodeResult:
             "lexicon": self.settings.lexicon or None,
             "max_draft": self.settings.max_draft if self.settings.method == "ctc-verify" else None,
             "draft_branches": self.settings.draft_branches if self.settings.method == "ctc-verify" else None,
+            "ctc_beam_size": self.settings.ctc_beam_size if self.settings.uses_ctc else None,
+            "ctc_weight": self.settings.ctc_weight if self.settings.method == CTC_RESCORE else None,
             "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,
@@ -185,15 +207,22 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     enc = model.encode(feats, feat_lens)
     prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
     drafts = None
-    if settings.method in (CTC_METHOD, "ctc-verify"):
+    if settings.uses_ctc:
         # The CTC transcript is a by-product of the encoder pass, so it is timed with the encoder.
         if model.encoder.ctc_head is None:
             raise ValueError(f"{settings.method} needs a model with a CTC head (model.encoder.ctc: true)")
         log_probs = model.encoder.ctc_log_probs(enc.frames)
+        ctc_tokenizer = model.ctc_tokenizer or tokenizer
+        ctc_lexicon = load_lexicon(settings.lexicon, ctc_tokenizer) if settings.lexicon else None
         if settings.method == CTC_METHOD:  # in the CTC head's own tokens (see spelling_tokenizer)
-            drafts = ctc_greedy(log_probs, enc.frame_lens, model.encoder.blank_id)
+            drafts = ctc_transcripts(log_probs, enc.frame_lens, model.encoder.blank_id, settings.ctc_beam_size,
+                                     ctc_lexicon)
+        elif settings.method == CTC_RESCORE:
+            nbest = ctc_hypotheses(log_probs, enc.frame_lens, model.encoder.blank_id, settings.ctc_beam_size,
+                                   ctc_lexicon, model.ctc_tokenizer, tokenizer)
         else:
-            drafts = ctc_drafts(log_probs, enc.frame_lens, model.encoder.blank_id, model.ctc_tokenizer, tokenizer)
+            drafts = ctc_drafts(log_probs, enc.frame_lens, model.encoder.blank_id, model.ctc_tokenizer, tokenizer,
+                                settings.ctc_beam_size, ctc_lexicon)
     _sync(device)
     t1 = time.perf_counter()
     if settings.method == CTC_METHOD:  # the best path is the transcript: no decoder call
@@ -203,7 +232,11 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
                           device=device)
     lexicon = load_lexicon(settings.lexicon, tokenizer) if settings.lexicon else None
     with cpu_threads(settings.decoder_threads, device):
-        out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon)
+        if settings.method == CTC_RESCORE:
+            out = rescore_nbest(model.lm, prefix, prefix_lens, nbest, log_probs, enc.frame_lens,
+                                model.encoder.blank_id, settings.ctc_weight, limits.tolist())
+        else:
+            out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
 

@@ -53,8 +53,9 @@ options: to redo a stage with other options, remove its marker and those after i
   6  average the last --avg epochs
   7  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
      skips it; greedy output does not change)
-  8  decode the test parts: the CTC head alone (ctc), greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify
-     (also with a draft tree fitted on dev, ctc-verify then with --draft-branches 2), beam, mtp-beam, mtp-beam-verify
+  8  decode the test parts: the CTC head alone (ctc; best path, and with --lexicon a beam search over its words),
+     greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (also with a draft tree fitted on dev, ctc-verify
+     then with --draft-branches 2), ctc-rescore, beam, mtp-beam, mtp-beam-verify
   9  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
   10 decode the MWER model: greedy, mtp-verify, mtp-beam
   11 results table: exp/summary.json and exp/summary.md
@@ -205,9 +206,11 @@ if [ -n "$lexicon" ]; then lex_args=(--lexicon "$lexicon"); fi
 if should_run 8 decode; then
   threshold_args=()
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
-  decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}" \
-    ${lex_args[@]+"${lex_args[@]}"}
-  decode_all "$model" exp/asr/decode ctc  # the encoder's CTC head alone: what the LLM decoder adds to it
+  decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify ctc-rescore" \
+    "${threshold_args[@]}" ${lex_args[@]+"${lex_args[@]}"}
+  # The encoder's CTC head alone, what the LLM decoder adds to it: best path, and with a lexicon a beam search.
+  decode_all "$model" exp/asr/decode ctc --ctc-beam-size 1
+  if [ -n "$lexicon" ]; then decode_all "$model" exp/asr/decode ctc ${lex_args[@]+"${lex_args[@]}"}; fi
   if [ "$draft_tree_nodes" -gt 0 ] && [ -n "$dev_cuts" ]; then
     decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" "$dev_cuts" mtp-verify \
       ${lex_args[@]+"${lex_args[@]}"}

@@ -49,10 +49,11 @@ record the options: to redo a stage with other options, remove its marker and th
   7  average the last --avg epochs
   8  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
      skips it); the trunk and head 1 stay as they are, so greedy output does not change
-  9  decode every test set: the CTC head alone (ctc), greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify
-     (with a chain of head drafts, and with a tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree;
-     ctc-verify's tree run verifies up to 32 CTC draft tokens per call, not 8, from two readings of each
-     correction, --draft-branches 2)
+  9  decode every test set: the CTC head alone (ctc; best path, and a prefix beam search over the lexicon's
+     words), greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (with a chain of head drafts, and with a
+     tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree; ctc-verify's tree run verifies up to
+     32 CTC draft tokens per call, not 8, from two readings of each correction, --draft-branches 2), and
+     ctc-rescore (the CTC search's 16 hypotheses scored by the decoder, two calls per utterance)
   10 beam searches: beam, the prefix-based mtp-beam and mtp-beam-verify (--beam-size)
   11 MWER fine-tuning on mtp-beam N-best lists (exp/mwer; --mwer-steps)
   12 decode the MWER model: greedy, mtp-verify, mtp-beam
@@ -217,10 +218,12 @@ if should_run 9 decode; then
   for t in $thresholds; do threshold_args+=(--threshold "$t"); done
   # ctc-verify checks 8 draft tokens per call here: on a CPU the fastest in wall-clock (32 take 20% fewer calls but
   # each costs more; RESULTS.md). The tree run below spends positions for calls.
-  decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify" "${threshold_args[@]}" \
-    --max-draft 8 ${lex_args[@]+"${lex_args[@]}"}
+  decode_all "$model" exp/asr/decode "greedy mtp-threshold mtp-verify ctc-verify ctc-rescore" \
+    "${threshold_args[@]}" --max-draft 8 ${lex_args[@]+"${lex_args[@]}"}
   if [ "$lexicon" = true ]; then decode_all "$model" exp/asr/decode greedy; fi  # the same model without it
-  decode_all "$model" exp/asr/decode ctc  # the encoder's CTC head alone: what the LLM decoder adds to it
+  # The encoder's CTC head alone, what the LLM decoder adds to it: best path, and with the lexicon a beam search.
+  decode_all "$model" exp/asr/decode ctc --ctc-beam-size 1
+  if [ "$lexicon" = true ]; then decode_all "$model" exp/asr/decode ctc ${lex_args[@]+"${lex_args[@]}"}; fi
   if [ "$draft_tree_nodes" -gt 0 ]; then
     decode_fitted_tree "$model" exp/asr/decode "$draft_tree_nodes" dev mtp-verify ${lex_args[@]+"${lex_args[@]}"}
     # ctc-verify with the tree, up to 32 draft tokens per call (the default), and the CTC draft verified from both
