@@ -93,7 +93,7 @@ def test_ctc_method_is_the_ctc_heads_best_path_without_decoder_calls(corpus, tra
     assert any(spelled.values())
     summary = res.summary()
     assert summary["num_decoder_calls"] == 0 and summary["tokens_per_call"] is None
-    assert res.decoder_seconds == 0 and res.encoder_seconds > 0
+    assert res.encoder_seconds > 0  # (the decoder seconds time the CTC search: no decoder call)
     # With a lexicon (spelled in the CTC head's own characters), a prefix beam search keeps to its words.
     lexicon = tmp_path / "words.txt"
     lexicon.write_text("\n".join(WORDS) + "\n")

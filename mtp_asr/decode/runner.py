@@ -51,11 +51,14 @@ class DecodeSettings:
     lexicon: str = ""  # a word list: emit only its words (`mtp_asr.decode.lexicon`); "": any token sequence
     # ctc, ctc-verify: the CTC transcript is a prefix beam search of this many prefixes (over the lexicon's words with
     # --lexicon); 1 without a lexicon: best path. On the demo's dev set with its lexicon, 16 rather than best path:
-    # CTC alone 19.3% WER instead of 42.7%, and 19% fewer ctc-verify calls (egs/synth/asr/RESULTS.md).
+    # CTC alone 19.3% WER instead of 40.2%, and 19% fewer ctc-verify calls (egs/synth/asr/RESULTS.md).
     ctc_beam_size: int = 16
     # ctc-rescore: the CTC score's weight beside the decoder's (1 - this). Chosen on the demo's dev set, where 0.2 to
     # 0.6 give WER within 0.2 points of each other.
     ctc_weight: float = 0.5
+    # ctc-rescore: also score the decoder's own greedy transcript, found losslessly by ctc-verify with the CTC search's
+    # best hypothesis as the draft (its calls added to the two of the rescoring).
+    rescore_greedy: bool = False
     # On the CPU the decoder loop runs on this many threads (0: torch's setting). Its matrix products have a few rows,
     # and with passive OpenMP waiting (mtp_asr.cli) waking a second thread costs about 100 us per product, more than
     # the product itself: one thread decodes the demo model 1.3x to 3.5x faster than two (egs/synth/asr/RESULTS.md).
@@ -86,6 +89,8 @@ class DecodeSettings:
         self.lexicon = str(self.lexicon or "")
         if not 0 <= self.ctc_weight <= 1:
             raise ValueError(f"--ctc-weight must be in [0, 1] (got {self.ctc_weight})")
+        if self.rescore_greedy and self.method != CTC_RESCORE:
+            raise ValueError(f"--rescore-greedy applies to ctc-rescore only (got --method {self.method})")
         if self.ctc_beam_size < 1:
             raise ValueError(f"--ctc-beam-size must be >= 1 (got {self.ctc_beam_size})")
         if self.lexicon and not Path(self.lexicon).is_file():
@@ -117,7 +122,7 @@ class DecodeSettings:
         if self.uses_ctc and self.ctc_beam_size != DecodeSettings.ctc_beam_size:
             text += f"-ctcB{self.ctc_beam_size}"
         if self.method == CTC_RESCORE:
-            text += f"-w{self.ctc_weight:g}"
+            text += f"-w{self.ctc_weight:g}" + ("-greedy" if self.rescore_greedy else "")
         if tree_name(self.draft_tree):
             text += "-tree" + tree_name(self.draft_tree)
         if self.lexicon:
@@ -141,8 +146,8 @@ class DecodeResult:
     num_decoder_calls: int = 0  # summed over utterances (batch-independent)
     num_batch_calls: int = 0  # forward passes actually run
     audio_seconds: float = 0.0
-    encoder_seconds: float = 0.0
-    decoder_seconds: float = 0.0
+    encoder_seconds: float = 0.0  # the encoder pass (and the CTC head's log-probabilities)
+    decoder_seconds: float = 0.0  # everything after it: decoder calls, and any search over the CTC head's output
     num_skipped: int = 0
     accepted_per_head: list = field(default_factory=list)
     accepted_from_ctc: int = 0  # ctc-verify: emitted tokens that were CTC draft tokens
@@ -166,6 +171,7 @@ class DecodeResult:
             "draft_branches": self.settings.draft_branches if self.settings.method == "ctc-verify" else None,
             "ctc_beam_size": self.settings.ctc_beam_size if self.settings.uses_ctc else None,
             "ctc_weight": self.settings.ctc_weight if self.settings.method == CTC_RESCORE else None,
+            "rescore_greedy": self.settings.rescore_greedy if self.settings.method == CTC_RESCORE else None,
             "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
             "num_skipped": self.num_skipped,
@@ -206,39 +212,55 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     t0 = time.perf_counter()
     enc = model.encode(feats, feat_lens)
     prefix, prefix_lens = model.prompt(enc.audio, enc.audio_lens)
-    drafts = None
+    log_probs = None
     if settings.uses_ctc:
-        # The CTC transcript is a by-product of the encoder pass, so it is timed with the encoder.
         if model.encoder.ctc_head is None:
             raise ValueError(f"{settings.method} needs a model with a CTC head (model.encoder.ctc: true)")
         log_probs = model.encoder.ctc_log_probs(enc.frames)
-        ctc_tokenizer = model.ctc_tokenizer or tokenizer
-        ctc_lexicon = load_lexicon(settings.lexicon, ctc_tokenizer) if settings.lexicon else None
-        if settings.method == CTC_METHOD:  # in the CTC head's own tokens (see spelling_tokenizer)
-            drafts = ctc_transcripts(log_probs, enc.frame_lens, model.encoder.blank_id, settings.ctc_beam_size,
-                                     ctc_lexicon)
-        elif settings.method == CTC_RESCORE:
+    _sync(device)
+    t1 = time.perf_counter()
+    # Decoding starts here: the CTC head's search (a beam search over the lexicon costs milliseconds per utterance on
+    # a CPU) is timed with the decoder calls it saves.
+    drafts = nbest = None
+    if settings.uses_ctc:
+        ctc_lexicon = load_lexicon(settings.lexicon, model.ctc_tokenizer or tokenizer) if settings.lexicon else None
+        if settings.method == CTC_METHOD:  # the transcript, in the CTC head's own tokens (see spelling_tokenizer)
+            hyps = ctc_transcripts(log_probs, enc.frame_lens, model.encoder.blank_id, settings.ctc_beam_size,
+                                   ctc_lexicon)
+            return GenerateOutput([Hypothesis(h, decoder_calls=0, finished=True) for h in hyps], batch_calls=0), \
+                t1 - t0, time.perf_counter() - t1
+        if settings.method == CTC_RESCORE:
             nbest = ctc_hypotheses(log_probs, enc.frame_lens, model.encoder.blank_id, settings.ctc_beam_size,
                                    ctc_lexicon, model.ctc_tokenizer, tokenizer)
         else:
             drafts = ctc_drafts(log_probs, enc.frame_lens, model.encoder.blank_id, model.ctc_tokenizer, tokenizer,
                                 settings.ctc_beam_size, ctc_lexicon)
-    _sync(device)
-    t1 = time.perf_counter()
-    if settings.method == CTC_METHOD:  # the best path is the transcript: no decoder call
-        return GenerateOutput([Hypothesis(d, decoder_calls=0, finished=True) for d in drafts], batch_calls=0), \
-            t1 - t0, 0.0
     limits = torch.tensor(length_limits(model, feat_lens.tolist(), durations, settings.max_tokens_per_second),
                           device=device)
     lexicon = load_lexicon(settings.lexicon, tokenizer) if settings.lexicon else None
     with cpu_threads(settings.decoder_threads, device):
         if settings.method == CTC_RESCORE:
+            greedy = None
+            if settings.rescore_greedy:
+                greedy = generate(model.lm, prefix, prefix_lens, "ctc-verify", max_new_tokens=limits,
+                                  drafts=[hyps[0][1] for hyps in nbest], max_draft=settings.max_draft, lexicon=lexicon)
+                nbest = [hyps + [(_ctc_spelling(model, tokenizer, h.tokens), h.tokens)]
+                         for hyps, h in zip(nbest, greedy.hyps)]
             out = rescore_nbest(model.lm, prefix, prefix_lens, nbest, log_probs, enc.frame_lens,
                                 model.encoder.blank_id, settings.ctc_weight, limits.tolist())
+            if greedy is not None:
+                for h, g in zip(out.hyps, greedy.hyps):
+                    h.decoder_calls += g.decoder_calls
+                out.batch_calls += greedy.batch_calls
         else:
             out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
+
+
+def _ctc_spelling(model: SpeechLlama, tokenizer, tokens: list) -> list:
+    """Decoder tokens in the CTC head's tokens (re-tokenised text when it has its own vocabulary)."""
+    return tokens if model.ctc_tokenizer is None else model.ctc_tokenizer.encode(tokenizer.decode(tokens))
 
 
 def spelling_tokenizer(model: SpeechLlama, settings: DecodeSettings, tokenizer):
