@@ -87,14 +87,17 @@ def test_decode_ctc_rescore(small_corpus, small_checkpoint, tmp_path):
     res = decode_cuts(model, tokenizer, cuts, DecodeSettings("ctc-rescore", lexicon=str(words), ctc_beam_size=4), 3)
     assert res.num_decoder_calls == 2 * len(cuts) and res.num_batch_calls == 4  # two batches, two calls each
     assert all(set(hyp.split()) <= set(WORDS) for _, _, hyp in res.results)
-    # With the decoder's greedy transcript added: ctc-verify's calls (from the same CTC draft) plus the two.
-    both = decode_cuts(model, tokenizer, cuts, DecodeSettings("ctc-rescore", lexicon=str(words), ctc_beam_size=4,
-                                                              rescore_greedy=True), 3)
-    verify = decode_cuts(model, tokenizer, cuts, DecodeSettings("ctc-verify", lexicon=str(words), ctc_beam_size=4), 3)
-    assert both.calls == {c: n + 2 for c, n in verify.calls.items()}
-    assert both.summary()["rescore_greedy"] is True
-    with pytest.raises(ValueError, match="--rescore-greedy applies to ctc-rescore only"):
-        DecodeSettings("greedy", rescore_greedy=True)
+    # With the decoder's own transcripts added: greedy's (ctc-verify's calls, from the same CTC draft) or
+    # mtp-beam-verify's N-best, plus the two calls of the rescoring.
+    for n, own in ((1, DecodeSettings("ctc-verify", lexicon=str(words), ctc_beam_size=4)),
+                   (2, DecodeSettings("mtp-beam-verify", lexicon=str(words), beam_size=2))):
+        both = decode_cuts(model, tokenizer, cuts, DecodeSettings("ctc-rescore", lexicon=str(words), ctc_beam_size=4,
+                                                                  rescore_beam=n), 3)
+        alone = decode_cuts(model, tokenizer, cuts, own, 3)
+        assert both.calls == {c: calls + 2 for c, calls in alone.calls.items()}
+        assert both.summary()["rescore_beam"] == n
+    with pytest.raises(ValueError, match="--rescore-beam applies to ctc-rescore only"):
+        DecodeSettings("greedy", rescore_beam=1)
     out = tmp_path / "out"
     args = ["decode", "--checkpoint", str(small_checkpoint), "--cuts", str(small_corpus["valid"]), "--method",
             "ctc-rescore", "--ctc-weight", "0.3", "--ctc-beam-size", "4", "--batch-size", "2", "--device", "cpu",

@@ -92,9 +92,9 @@ def method_options(fn):
         ctc_beam_option,
         click.option("--ctc-weight", type=click.FloatRange(0, 1),
                      help="ctc-rescore: the CTC log-probability's weight beside the decoder's (default 0.5)."),
-        click.option("--rescore-greedy", is_flag=True, default=None,
-                     help="ctc-rescore: also score the decoder's own greedy transcript, found by ctc-verify (its "
-                          "calls added)."),
+        click.option("--rescore-beam", type=click.IntRange(min=0),
+                     help="ctc-rescore: also score the decoder's own N best transcripts, its calls added (1: greedy's, "
+                          "found by ctc-verify; N > 1: mtp-beam-verify's N-best with beam N; default 0: none)."),
         decoder_threads_option,
         lexicon_option,
     ]
@@ -142,7 +142,7 @@ def options_for(methods: tuple, method: str, **options) -> dict:
               help="Result directory (default: EXP_DIR/<method>, or the checkpoint's directory/<method>).")
 @library_call
 def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_branches, draft_tree,
-               beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, rescore_greedy,
+               beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, rescore_beam,
                decoder_threads, lexicon, manifests, thresholds, nbest, batch_size, out_dir):
     """Decode cut sets; write icefall-style results per set and setting.
 
@@ -158,7 +158,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
                **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                **options_for(("ctc-verify",), method, draft_branches=draft_branches), "max_draft": max_draft,
                **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
-               **options_for(("ctc-rescore",), method, ctc_weight=ctc_weight, rescore_greedy=rescore_greedy),
+               **options_for(("ctc-rescore",), method, ctc_weight=ctc_weight, rescore_beam=rescore_beam),
                "max_tokens_per_second": max_tokens_per_second, "decoder_threads": decoder_threads, "lexicon": lexicon}
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
@@ -257,7 +257,7 @@ def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, ma
 @click.argument("files", type=FILE, nargs=-1, required=True)
 @library_call
 def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_branches, draft_tree,
-                   beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, rescore_greedy,
+                   beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, rescore_beam,
                    decoder_threads, lexicon, threshold, files):
     """Print `FILE<TAB>transcript` for each audio file (wav, flac, ogg, mp3; any sample rate; mono or stereo)."""
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
@@ -270,7 +270,7 @@ def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, m
                               **options_for(("ctc-verify",), method, draft_branches=draft_branches),
                               **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
                               **options_for(("ctc-rescore",), method, ctc_weight=ctc_weight,
-                                            rescore_greedy=rescore_greedy),
+                                            rescore_beam=rescore_beam),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     for name, text in transcribe_files(path, n_avg, files, settings, device):

@@ -56,7 +56,7 @@ def method_name(s: dict) -> str:
             + (f" br{s['draft_branches']}" if (s.get("draft_branches") or 1) > 1 else "")
             + (f" ctcB{s['ctc_beam_size']}" if s.get("ctc_beam_size") else "")
             + (f" w{s['ctc_weight']:g}" if s.get("ctc_weight") is not None else "")
-            + (" +greedy" if s.get("rescore_greedy") else "")
+            + (f" +B{s['rescore_beam']}" if s.get("rescore_beam") else "")
             + (f" tree {tree}" if tree else "")
             + (" lex" if s.get("lexicon") else ""))
 
@@ -88,7 +88,7 @@ def summarize(dirs: Sequence[Path], out: Path) -> str:
     add_speedups(rows)
     out = Path(out)
     keys = COLUMNS + ("checkpoint", "batch_size", "max_draft", "draft_branches", "ctc_beam_size", "ctc_weight",
-                      "rescore_greedy", "draft_tree", "lexicon", "num_utts", "num_tokens", "file")
+                      "rescore_beam", "draft_tree", "lexicon", "num_utts", "num_tokens", "file")
     atomic_write_text(out, json.dumps([{k: s.get(k) for k in keys} for s in rows], indent=2) + "\n")
     table = markdown(rows)
     atomic_write_text(out.with_suffix(".md"), table + "\n")
