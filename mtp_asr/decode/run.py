@@ -146,7 +146,8 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
                   lexicon: Optional[Path] = None, repeats: int = 1, ctc_beam_size: Optional[int] = None) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
     greedy run; `mtp-verify` and `ctc-verify` (for a model with a CTC head, at every draft length in `max_drafts` and
-    number of branches in `draft_branches`) with a chain of head drafts and with each of `draft_trees`; `beam` and
+    number of branches in `draft_branches`) with a chain of head drafts and with each of `draft_trees`, and
+    `ctc-rescore` (the CTC searches with `ctc_beam_size` prefixes, default DecodeSettings'); `beam` and
     `mtp-beam` (at every threshold) too when a beam size is given. With `repeats` > 1 the whole list of methods runs
     that many times in turn and each method's seconds are the median over the rounds: on a shared machine whose
     speed drifts by 10-20% within minutes, a drift then slows every method alike. With a lexicon every row is

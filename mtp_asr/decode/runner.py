@@ -29,7 +29,7 @@ logger = logging.getLogger("mtp_asr")
 
 BEAM_SEARCHES = BEAM_METHODS + ("mtp-beam-verify",)
 CTC_METHOD = "ctc"  # the encoder's CTC head alone, no decoder call: what the LLM decoder adds to it
-CTC_RESCORE = "ctc-rescore"  # the CTC head's N-best scored by the decoder in one call (mtp_asr.decode.rescore)
+CTC_RESCORE = "ctc-rescore"  # the CTC head's N-best scored by the decoder in two calls (mtp_asr.decode.rescore)
 DECODE_METHODS = (CTC_METHOD,) + METHODS + (CTC_RESCORE,) + BEAM_SEARCHES
 
 
@@ -49,16 +49,18 @@ class DecodeSettings:
     draft_branches: int = 1  # ctc-verify: CTC continuations verified side by side after a correction
     draft_tree: str = ""  # mtp-verify, ctc-verify: the draft tree's shape (`--draft-tree`, tree_spec); "": a chain
     lexicon: str = ""  # a word list: emit only its words (`mtp_asr.decode.lexicon`); "": any token sequence
-    # ctc, ctc-verify: the CTC transcript is a prefix beam search of this many prefixes (over the lexicon's words with
-    # --lexicon); 1 without a lexicon: best path. On the demo's dev set with its lexicon, 16 rather than best path:
-    # CTC alone 19.3% WER instead of 40.2%, and 19% fewer ctc-verify calls (egs/synth/asr/RESULTS.md).
+    # ctc, ctc-verify, ctc-rescore: the CTC transcript is a prefix beam search of this many prefixes (over the
+    # lexicon's words with --lexicon); 1 without a lexicon: best path. On the demo's dev set with its lexicon, 16
+    # rather than best path: CTC alone 19.3% WER instead of 40.2%, and 19% fewer ctc-verify calls
+    # (egs/synth/asr/RESULTS.md).
     ctc_beam_size: int = 16
     # ctc-rescore: the CTC score's weight beside the decoder's (1 - this). Chosen on the demo's dev set, where 0.2 to
     # 0.6 give WER within 0.2 points of each other.
     ctc_weight: float = 0.5
     # ctc-rescore: also score the decoder's own N best transcripts (its calls added to the two of the rescoring): 1,
     # greedy's, found losslessly by ctc-verify from the CTC search's best hypothesis; N > 1, the N-best of
-    # mtp-beam-verify with beam N; 0: none. On the demo's dev set 17.45% WER, 16.52% with 1, 15.89% with 4.
+    # mtp-beam-verify with beam N; 0: none. On the demo's dev set 17.45% WER, 16.52% with 1, 16.18% with 4 (15.83%
+    # with 4 and --ctc-weight 0.4).
     rescore_beam: int = 0
     # On the CPU the decoder loop runs on this many threads (0: torch's setting). Its matrix products have a few rows,
     # and with passive OpenMP waiting (mtp_asr.cli) waking a second thread costs about 100 us per product, more than
@@ -243,7 +245,7 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     lexicon = load_lexicon(settings.lexicon, tokenizer) if settings.lexicon else None
     with cpu_threads(settings.decoder_threads, device):
         if settings.method == CTC_RESCORE:
-            own = _decoder_nbest(model, prefix, prefix_lens, settings, limits, nbest, lexicon, tokenizer)
+            own = _decoder_nbest(model, prefix, prefix_lens, settings, limits, nbest, lexicon)
             if own is not None:
                 nbest = [hyps + [(_ctc_spelling(model, tokenizer, t), t) for t in extra]
                          for hyps, extra in zip(nbest, own[0])]
@@ -259,8 +261,8 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     return out, t1 - t0, time.perf_counter() - t1
 
 
-def _decoder_nbest(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, nbest: list, lexicon,
-                   tokenizer) -> Optional[tuple]:
+def _decoder_nbest(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, nbest: list,
+                   lexicon) -> Optional[tuple]:
     """ctc-rescore's own transcripts of the decoder (`DecodeSettings.rescore_beam`): per row the token lists, per row
     the decoder calls, and the batch's calls; None without any."""
     if settings.rescore_beam == 1:  # greedy's transcript, verified from the CTC search's best hypothesis
