@@ -7,20 +7,10 @@ import torch
 
 from mtp_asr.decode.ctc_search import ctc_greedy, ctc_prefix_beam_search, ctc_transcripts
 from mtp_asr.decode.lexicon import DEAD, Lexicon
+from mtp_asr.decode.rescore import ctc_sequence_log_probs
 from test_lexicon import LetterTokenizer
 
 FULL = 10 ** 6  # a beam that never prunes
-
-
-def sequence_log_probs(log_probs: torch.Tensor, seqs: list, blank: int) -> torch.Tensor:
-    """log p(seq | (T, V+1) log-probabilities), summed over alignments, for each sequence (torch's CTC loss;
-    -inf where a sequence does not fit in T frames)."""
-    T = log_probs.shape[0]
-    targets = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    loss = torch.nn.functional.ctc_loss(log_probs.double()[:, None].expand(T, len(seqs), -1), targets,
-                                        torch.full((len(seqs),), T), torch.tensor([len(s) for s in seqs]),
-                                        blank=blank, reduction="none")
-    return -loss
 
 
 def peaky_log_probs(T: int, V: int, seed: int, scale: float = 3.0) -> torch.Tensor:
@@ -33,7 +23,7 @@ def test_a_full_beam_finds_the_most_probable_label_sequence(seed):
     T, V = 5, 3  # labels 0..2, blank 3: every sequence of up to T labels is enumerated
     log_probs = peaky_log_probs(T, V, seed)
     seqs = [list(s) for n in range(T + 1) for s in itertools.product(range(V), repeat=n)]
-    scores = sequence_log_probs(log_probs, seqs, V)
+    scores = ctc_sequence_log_probs(log_probs.double(), seqs, V)
     best = seqs[int(scores.argmax())]
     assert ctc_prefix_beam_search(log_probs.numpy(), V, FULL, token_prune=float("inf")) == best
 
@@ -49,7 +39,7 @@ def test_a_full_beam_with_a_lexicon_finds_the_most_probable_word_sequence(seed):
     log_probs[:, [3, 4, 5, 6, 7, V]] += 3.0
     log_probs = torch.log_softmax(log_probs, -1)
     seqs = [[]] + [tokenizer.encode(" ".join(ws)) for n in range(1, 5) for ws in itertools.product(words, repeat=n)]
-    scores = sequence_log_probs(log_probs, seqs, V)
+    scores = ctc_sequence_log_probs(log_probs.double(), seqs, V)
     assert scores.max() > -float("inf")
     best = seqs[int(scores.argmax())]
     found = ctc_prefix_beam_search(log_probs.numpy(), V, FULL, lexicon, token_prune=float("inf"))

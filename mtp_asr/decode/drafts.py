@@ -27,10 +27,15 @@ def ctc_drafts(log_probs: torch.Tensor, lens: torch.Tensor, blank: int, ctc_toke
     the CTC head's tokens) as decoder tokens: as they are when the CTC head predicts the decoder's tokens, else
     decoded with the CTC head's own tokenizer and re-tokenised with the decoder's. Re-tokenised text may split
     differently from what the decoder emits; the aligner absorbs that as it absorbs CTC errors."""
-    drafts = ctc_transcripts(log_probs, lens, blank, beam, lexicon)
+    return to_decoder_tokens(ctc_transcripts(log_probs, lens, blank, beam, lexicon), ctc_tokenizer, tokenizer)
+
+
+def to_decoder_tokens(seqs: Sequence[Sequence[int]], ctc_tokenizer=None, tokenizer=None) -> list:
+    """CTC head token sequences in the decoder's tokens: as they are without a CTC tokenizer of its own, else
+    decoded with it and re-tokenised."""
     if ctc_tokenizer is None:
-        return drafts
-    return retokenize([ctc_tokenizer.decode(d) for d in drafts], tokenizer)
+        return [list(s) for s in seqs]
+    return retokenize([ctc_tokenizer.decode(s) for s in seqs], tokenizer)
 
 
 class DraftAligner:

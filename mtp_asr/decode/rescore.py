@@ -24,16 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtp_asr.decode.ctc_search import ctc_nbest
-from mtp_asr.decode.drafts import retokenize
+from mtp_asr.decode.drafts import to_decoder_tokens
 from mtp_asr.decode.generate import GenerateOutput, Hypothesis
 from mtp_asr.model.lm import MTPLanguageModel
 
 
 def ctc_sequence_log_probs(log_probs: Tensor, seqs: Sequence[Sequence[int]], blank: int) -> Tensor:
-    """log p(seq | one utterance's (T, V+1) CTC log-probabilities), summed over alignments, for each sequence."""
+    """log p(seq | one utterance's (T, V+1) CTC log-probabilities), summed over alignments, for each sequence (-inf
+    where one does not fit in T frames); computed in float32, or float64 for float64 input."""
     T = log_probs.shape[0]
     targets = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    loss = F.ctc_loss(log_probs.float().cpu()[:, None].expand(T, len(seqs), -1), targets,
+    log_probs = log_probs.cpu().to(torch.promote_types(log_probs.dtype, torch.float32))
+    loss = F.ctc_loss(log_probs[:, None].expand(T, len(seqs), -1), targets,
                       torch.full((len(seqs),), T, dtype=torch.long),
                       torch.tensor([len(s) for s in seqs], dtype=torch.long), blank=blank, reduction="none")
     return -loss.double()
@@ -103,6 +105,5 @@ def ctc_hypotheses(log_probs: Tensor, lens: Tensor, blank: int, beam: int, lexic
     out = []
     for i, n in enumerate(lens.tolist()):
         hyps = ctc_nbest(rows[i, :n], blank, beam, lexicon)
-        decoded = hyps if ctc_tokenizer is None else retokenize([ctc_tokenizer.decode(h) for h in hyps], tokenizer)
-        out.append(list(zip(hyps, decoded)))
+        out.append(list(zip(hyps, to_decoder_tokens(hyps, ctc_tokenizer, tokenizer))))
     return out
