@@ -81,6 +81,11 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
             assert sorted(r["ctc_beam_size"] for r in ctcs) == ([1, 16] if model.startswith("avg") else [])
             rescore = [r for r in these if r["method"] == "ctc-rescore"]
             assert all(r["num_decoder_calls"] == 2 * r["num_utts"] for r in rescore)
+            # beam and mtp-beam-verify twice: the decoder alone, and joint CTC/attention decoding
+            joint = sorted(((r["method"], r["ctc_weight"]) for r in these if r["method"] in ("beam",
+                                                                                            "mtp-beam-verify")), key=str)
+            assert joint == ([("beam", 0.5), ("beam", None), ("mtp-beam-verify", 0.5), ("mtp-beam-verify", None)]
+                             if model.startswith("avg") else [])
             for r in these:
                 if r["method"] in ("mtp-verify", "ctc-verify"):
                     assert r["wer"] == greedy["wer"]  # lossless methods

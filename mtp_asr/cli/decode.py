@@ -91,7 +91,9 @@ def method_options(fn):
                           "speech at 24 per second)."),
         ctc_beam_option,
         click.option("--ctc-weight", type=click.FloatRange(0, 1),
-                     help="ctc-rescore: the CTC log-probability's weight beside the decoder's (default 0.5)."),
+                     help="The CTC log-probability's weight beside the decoder's: ctc-rescore (default 0.5); beam and "
+                          "mtp-beam-verify (default 0): joint CTC/attention beam search, every extension scored by "
+                          "both."),
         click.option("--rescore-beam", type=click.IntRange(min=0),
                      help="ctc-rescore: also score the decoder's own N best transcripts, its calls added (1: greedy's, "
                           "found by ctc-verify; N > 1: mtp-beam-verify's N-best with beam N; default 0: none)."),
@@ -158,7 +160,8 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
                **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                **options_for(("ctc-verify",), method, draft_branches=draft_branches), "max_draft": max_draft,
                **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
-               **options_for(("ctc-rescore",), method, ctc_weight=ctc_weight, rescore_beam=rescore_beam),
+               **options_for(("ctc-rescore", "beam", "mtp-beam-verify"), method, ctc_weight=ctc_weight),
+               **options_for(("ctc-rescore",), method, rescore_beam=rescore_beam),
                "max_tokens_per_second": max_tokens_per_second, "decoder_threads": decoder_threads, "lexicon": lexicon}
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
@@ -179,6 +182,8 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @ctc_beam_option
 @click.option("--beam-size", type=click.IntRange(min=1),
               help="Also run beam and mtp-beam (at every threshold) with this beam width.")
+@click.option("--ctc-weight", type=click.FloatRange(0, 1, min_open=True),
+              help="With --beam-size: also run joint CTC/attention beam and mtp-beam-verify with this CTC weight.")
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,
               help="Draft tokens verified per call in the ctc-verify rows (default 32); repeatable. Each call costs "
                    "in proportion to the positions it verifies where compute is the bottleneck (a CPU).")
@@ -195,13 +200,13 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  decoder_threads, lexicon, ctc_beam_size, beam_size, max_drafts, draft_branches, draft_trees, repeats,
-                  out_dir):
+                  decoder_threads, lexicon, ctc_beam_size, beam_size, ctc_weight, max_drafts, draft_branches,
+                  draft_trees, repeats, out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
     at the same batch size, RTF) and writes OUT_DIR/benchmark.json and benchmark.md. With --beam-size, beam and
-    mtp-beam rows follow the greedy-search ones.
+    mtp-beam rows follow the greedy-search ones (and with --ctc-weight, joint CTC/attention beam and mtp-beam-verify).
     """
     import torch
 
@@ -220,7 +225,8 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
                   beam_size=beam_size, max_drafts=list(max_drafts) or [32],
                   draft_branches=list(draft_branches) or [1], draft_trees=draft_trees,
-                  decoder_threads=decoder_threads, lexicon=lexicon, repeats=repeats, ctc_beam_size=ctc_beam_size)
+                  decoder_threads=decoder_threads, lexicon=lexicon, repeats=repeats, ctc_beam_size=ctc_beam_size,
+                  ctc_weight=ctc_weight)
 
 
 @main.command("draft-tree")
@@ -269,8 +275,8 @@ def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, m
                               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                               **options_for(("ctc-verify",), method, draft_branches=draft_branches),
                               **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
-                              **options_for(("ctc-rescore",), method, ctc_weight=ctc_weight,
-                                            rescore_beam=rescore_beam),
+                              **options_for(("ctc-rescore", "beam", "mtp-beam-verify"), method, ctc_weight=ctc_weight),
+                              **options_for(("ctc-rescore",), method, rescore_beam=rescore_beam),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     for name, text in transcribe_files(path, n_avg, files, settings, device):

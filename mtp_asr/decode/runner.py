@@ -15,6 +15,7 @@ import torch
 
 from mtp_asr.data.dataset import AsrDataset, cut_frames
 from mtp_asr.decode.beam import BEAM_METHODS, beam_search
+from mtp_asr.decode.ctc_prefix import CTCPrefixScorer
 from mtp_asr.decode.ctc_search import ctc_transcripts
 from mtp_asr.decode.drafts import ctc_drafts
 from mtp_asr.decode.rescore import ctc_hypotheses, rescore_nbest
@@ -30,6 +31,7 @@ logger = logging.getLogger("mtp_asr")
 BEAM_SEARCHES = BEAM_METHODS + ("mtp-beam-verify",)
 CTC_METHOD = "ctc"  # the encoder's CTC head alone, no decoder call: what the LLM decoder adds to it
 CTC_RESCORE = "ctc-rescore"  # the CTC head's N-best scored by the decoder in two calls (mtp_asr.decode.rescore)
+JOINT_METHODS = ("beam", "mtp-beam-verify")  # with a CTC weight: joint CTC/attention decoding (decode.ctc_prefix)
 DECODE_METHODS = (CTC_METHOD,) + METHODS + (CTC_RESCORE,) + BEAM_SEARCHES
 
 
@@ -54,9 +56,11 @@ class DecodeSettings:
     # rather than best path: CTC alone 19.3% WER instead of 40.2%, and 19% fewer ctc-verify calls
     # (egs/synth/asr/RESULTS.md).
     ctc_beam_size: int = 16
-    # ctc-rescore: the CTC score's weight beside the decoder's (1 - this). Chosen on the demo's dev set, where 0.2 to
-    # 0.6 give WER within 0.2 points of each other.
-    ctc_weight: float = 0.5
+    # The CTC score's weight beside the decoder's (1 - this). ctc-rescore (default 0.5): chosen on the demo's dev set,
+    # where 0.2 to 0.6 give WER within 0.2 points of each other. beam and mtp-beam-verify (default 0: the decoder
+    # alone): joint CTC/attention decoding (mtp_asr.decode.ctc_prefix); demo dev, beam 4: beam 20.62% -> 14.27% WER
+    # at 0.5 (0.3 to 0.6 within 0.7 points), mtp-beam-verify 15.48% with 0.31x of joint beam's decoder calls.
+    ctc_weight: Optional[float] = None
     # ctc-rescore: also score the decoder's own N best transcripts (its calls added to the two of the rescoring): 1,
     # greedy's, found losslessly by ctc-verify from the CTC search's best hypothesis; N > 1, the N-best of
     # mtp-beam-verify with beam N; 0: none. On the demo's dev set 17.45% WER, 16.52% with 1, 16.18% with 4 (15.83%
@@ -90,6 +94,11 @@ class DecodeSettings:
             raise ValueError(f"--decoder-threads must be >= 0 (got {self.decoder_threads})")
         self.draft_tree = self.draft_tree or ""
         self.lexicon = str(self.lexicon or "")
+        if self.ctc_weight is None:
+            self.ctc_weight = 0.5 if self.method == CTC_RESCORE else 0.0
+        if self.ctc_weight and self.method not in (CTC_RESCORE,) + JOINT_METHODS:
+            raise ValueError(f"--ctc-weight applies to ctc-rescore, beam and mtp-beam-verify only (got --method "
+                             f"{self.method})")
         if not 0 <= self.ctc_weight <= 1:
             raise ValueError(f"--ctc-weight must be in [0, 1] (got {self.ctc_weight})")
         if self.rescore_beam < 0:
@@ -110,7 +119,18 @@ class DecodeSettings:
 
     @property
     def uses_ctc(self) -> bool:
+        """Whether the method reads the CTC head's log-probabilities."""
+        return self.searches_ctc or self.joint_ctc
+
+    @property
+    def searches_ctc(self) -> bool:
+        """Whether the method starts from the CTC head's prefix beam search (`--ctc-beam-size`)."""
         return self.method in (CTC_METHOD, "ctc-verify", CTC_RESCORE)
+
+    @property
+    def joint_ctc(self) -> bool:
+        """Joint CTC/attention beam search (beam or mtp-beam-verify with a CTC weight)."""
+        return self.method in JOINT_METHODS and self.ctc_weight > 0
 
     @property
     def uses_threshold(self) -> bool:
@@ -124,7 +144,9 @@ class DecodeSettings:
             text += f"-tau{self.threshold:g}"
         if self.method == "ctc-verify":
             text += f"-D{self.max_draft}" + (f"-br{self.draft_branches}" if self.draft_branches > 1 else "")
-        if self.uses_ctc and self.ctc_beam_size != DecodeSettings.ctc_beam_size:
+        if self.joint_ctc:
+            text += f"-ctc{self.ctc_weight:g}"
+        if self.searches_ctc and self.ctc_beam_size != DecodeSettings.ctc_beam_size:
             text += f"-ctcB{self.ctc_beam_size}"
         if self.method == CTC_RESCORE:
             text += f"-w{self.ctc_weight:g}" + (f"-plusB{self.rescore_beam}" if self.rescore_beam else "")
@@ -174,8 +196,9 @@ class DecodeResult:
             "lexicon": self.settings.lexicon or None,
             "max_draft": self.settings.max_draft if self.settings.method == "ctc-verify" else None,
             "draft_branches": self.settings.draft_branches if self.settings.method == "ctc-verify" else None,
-            "ctc_beam_size": self.settings.ctc_beam_size if self.settings.uses_ctc else None,
-            "ctc_weight": self.settings.ctc_weight if self.settings.method == CTC_RESCORE else None,
+            "ctc_beam_size": self.settings.ctc_beam_size if self.settings.searches_ctc else None,
+            "ctc_weight": self.settings.ctc_weight if self.settings.method == CTC_RESCORE or self.settings.joint_ctc
+            else None,
             "rescore_beam": self.settings.rescore_beam if self.settings.method == CTC_RESCORE else None,
             "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
@@ -226,8 +249,13 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
     t1 = time.perf_counter()
     # Decoding starts here: the CTC head's search (a beam search over the lexicon costs milliseconds per utterance on
     # a CPU) is timed with the decoder calls it saves.
-    drafts = nbest = None
-    if settings.uses_ctc:
+    drafts = nbest = joint = None
+    if settings.joint_ctc:
+        if model.ctc_tokenizer is not None:
+            raise ValueError(f"joint CTC/attention decoding ({settings.method} with --ctc-weight) needs a CTC head "
+                             "over the decoder's tokens; this model's has a vocabulary of its own")
+        joint = CTCPrefixScorer(log_probs, enc.frame_lens, model.encoder.blank_id, model.lm.eos_id)
+    if settings.searches_ctc:
         ctc_lexicon = load_lexicon(settings.lexicon, model.ctc_tokenizer or tokenizer) if settings.lexicon else None
         if settings.method == CTC_METHOD:  # the transcript, in the CTC head's own tokens (see spelling_tokenizer)
             hyps = ctc_transcripts(log_probs, enc.frame_lens, model.encoder.blank_id, settings.ctc_beam_size,
@@ -256,7 +284,7 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
                     h.decoder_calls += calls
                 out.batch_calls += own[2]
         else:
-            out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon)
+            out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon, joint)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
 
@@ -303,13 +331,14 @@ def load_lexicon(path: str, tokenizer) -> Lexicon:
     return lexicon
 
 
-def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts, lexicon):
+def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts, lexicon, joint=None):
     if settings.method == "mtp-beam-verify":
         return verify_beam_search(model.lm, prefix, prefix_lens, settings.num_heads, limits, settings.beam_size,
-                                  settings.nbest, settings.length_norm, lexicon)
+                                  settings.nbest, settings.length_norm, lexicon, joint, settings.ctc_weight)
     if settings.is_beam:
         return beam_search(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
-                           limits, settings.beam_size, settings.nbest, settings.length_norm, lexicon=lexicon)
+                           limits, settings.beam_size, settings.nbest, settings.length_norm, lexicon=lexicon,
+                           ctc=joint, ctc_weight=settings.ctc_weight)
     return generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
                     limits, drafts=drafts, max_draft=settings.max_draft, draft_branches=settings.draft_branches,
                     draft_tree=settings.draft_tree, lexicon=lexicon)

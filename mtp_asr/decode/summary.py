@@ -48,17 +48,22 @@ def tree_text(s: dict) -> str:
 
 def method_name(s: dict) -> str:
     """The method with the settings the other columns do not show: heads used when fewer than the model's, the CTC
-    draft length and branches, the CTC beam, the draft tree, a lexicon (e.g. `ctc-verify D8 br2 ctcB16 tree 24nodes`,
-    `mtp-verify K2`, `greedy lex`)."""
+    draft length and branches, the CTC beam and weight, the draft tree, a lexicon (e.g. `ctc-verify D8 br2 ctcB16 tree
+    24nodes`, `mtp-verify K2`, `beam ctc0.5 lex`, `greedy lex`)."""
     tree = tree_name(tree_text(s))
     return (s["method"] + (f" K{s['num_heads']}" if s.get("num_heads") else "")
             + (f" D{s['max_draft']}" if s.get("max_draft") else "")
             + (f" br{s['draft_branches']}" if (s.get("draft_branches") or 1) > 1 else "")
             + (f" ctcB{s['ctc_beam_size']}" if s.get("ctc_beam_size") else "")
-            + (f" w{s['ctc_weight']:g}" if s.get("ctc_weight") is not None else "")
+            + (_ctc_weight(s) if s.get("ctc_weight") is not None else "")
             + (f" +B{s['rescore_beam']}" if s.get("rescore_beam") else "")
             + (f" tree {tree}" if tree else "")
             + (" lex" if s.get("lexicon") else ""))
+
+
+def _ctc_weight(s: dict) -> str:
+    """ctc-rescore's weight (`w0.5`), or a beam search's joint CTC weight (`ctc0.5`)."""
+    return f" w{s['ctc_weight']:g}" if s["method"] == "ctc-rescore" else f" ctc{s['ctc_weight']:g}"
 
 
 def markdown(rows: list) -> str:

@@ -31,6 +31,8 @@ draft_tree_nodes=24  # stage 8 also runs mtp-verify and ctc-verify with a draft 
 decode_batch_size=32
 beam_size=4
 beam_threshold=0.8 # tau of mtp-beam
+joint_ctc_weight=0.3 # stage 8: joint CTC/attention beam and mtp-beam-verify with this CTC weight (ESPnet's
+                     # LibriSpeech decoding uses 0.3-0.4; not measured here); needs --ctc-vocab-size 0; 0 skips them
 mwer_conf=conf/mwer.yaml
 mwer_epochs=1
 device=auto
@@ -55,7 +57,8 @@ options: to redo a stage with other options, remove its marker and those after i
      skips it; greedy output does not change)
   8  decode the test parts: the CTC head alone (ctc; best path, and with --lexicon a beam search over its words),
      greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (also with a draft tree fitted on dev, ctc-verify
-     then with --draft-branches 2), ctc-rescore, beam, mtp-beam, mtp-beam-verify
+     then with --draft-branches 2), ctc-rescore, beam, mtp-beam, mtp-beam-verify; with --ctc-vocab-size 0, beam
+     and mtp-beam-verify also as joint CTC/attention decoding (--joint-ctc-weight)
   9  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
   10 decode the MWER model: greedy, mtp-verify, mtp-beam
   11 results table: exp/summary.json and exp/summary.md
@@ -70,6 +73,7 @@ Options (default):
   --thresholds (\"$thresholds\")  --draft-tree-nodes ($draft_tree_nodes)  --decode-batch-size ($decode_batch_size)
   --device ($device)
   --beam-size ($beam_size)  --beam-threshold ($beam_threshold)  --mwer-conf ($mwer_conf)  --mwer-epochs ($mwer_epochs)
+  --joint-ctc-weight ($joint_ctc_weight; 0 skips the joint rows)
   --train-args (\"\")  extra --set overrides for stages 4, 5 and 9
   --lexicon (\"\")  a word list or Kaldi lexicon: stages 8 and 10 emit only its words
 "
@@ -222,6 +226,11 @@ if should_run 8 decode; then
   decode_all "$model" exp/asr/decode "beam mtp-beam mtp-beam-verify" --beam-size "$beam_size" \
     --threshold "$beam_threshold" \
     ${lex_args[@]+"${lex_args[@]}"}
+  # Joint CTC/attention decoding scores the decoder's tokens with the CTC head: only when it predicts them.
+  if [ "$joint_ctc_weight" != 0 ] && [ "$ctc_vocab_size" -eq 0 ]; then
+    decode_all "$model" exp/asr/decode "beam mtp-beam-verify" --beam-size "$beam_size" \
+      --ctc-weight "$joint_ctc_weight" ${lex_args[@]+"${lex_args[@]}"}
+  fi
   mark_done decode
 fi
 

@@ -21,7 +21,8 @@ lm_epochs=0        # decoder pre-training on text; 0 skips it (the decoder then 
 ctc_epochs=1       # encoder CTC pre-training; 0 skips it
 asr_epochs=3
 avg=1
-distill_steps=600  # self-distillation of heads 2..K (stage 8); 0 skips it
+distill_steps=0    # self-distillation of heads 2..K (stage 8; e.g. 600); 0 skips it: with this recipe's hydra heads
+                   # the fitted heads agreed less with greedy decoding in every run, so it kept the originals
 distill_cuts=500   # training cuts decoded for it
 thresholds="0.5 0.8 0.95"
 draft_tree_nodes=24  # stage 9 also runs mtp-verify and ctc-verify with a draft tree of this many nodes fitted on
@@ -29,6 +30,8 @@ draft_tree_nodes=24  # stage 9 also runs mtp-verify and ctc-verify with a draft 
 decode_batch_size=16
 beam_size=4
 beam_threshold=0.93  # tau of mtp-beam: the best dev WER within a third of beam's calls (RESULTS.md)
+joint_ctc_weight=0.5  # stage 10: the CTC weight of joint CTC/attention beam and mtp-beam-verify (dev: 0.3-0.6 within
+                      # 0.7 points of each other, 0.5 best; RESULTS.md); 0 skips them
 lexicon=true       # decode with the training text's words only (data/lang_<type>/words.txt); greedy also without
 mwer_steps=30
 device=auto
@@ -54,7 +57,8 @@ record the options: to redo a stage with other options, remove its marker and th
      tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree; ctc-verify's tree run verifies up to
      32 CTC draft tokens per call, not 8, from two readings of each correction, --draft-branches 2), and
      ctc-rescore (the CTC search's 16 hypotheses scored by the decoder, two calls per utterance)
-  10 beam searches: beam, the prefix-based mtp-beam and mtp-beam-verify (--beam-size)
+  10 beam searches: beam, the prefix-based mtp-beam and mtp-beam-verify (--beam-size); beam and mtp-beam-verify
+     again as joint CTC/attention decoding (--joint-ctc-weight)
   11 MWER fine-tuning on mtp-beam N-best lists (exp/mwer; --mwer-steps)
   12 decode the MWER model: greedy, mtp-verify, mtp-beam
   13 results table: exp/summary.json and exp/summary.md
@@ -71,6 +75,7 @@ Options (default):
   --thresholds (\"$thresholds\")  --draft-tree-nodes ($draft_tree_nodes)  --decode-batch-size ($decode_batch_size)
   --device ($device)
   --beam-size ($beam_size)  --beam-threshold ($beam_threshold)  --mwer-steps ($mwer_steps)
+  --joint-ctc-weight ($joint_ctc_weight; 0 skips the joint rows)
   --lexicon ($lexicon)         true: stages 9, 10 and 12 decode with the words of the training text only (a
                               closed vocabulary, as a Kaldi lexicon); greedy also runs without it, for comparison
 "
@@ -240,6 +245,11 @@ if should_run 10 beam; then
   decode_all "$model" exp/asr/decode "beam mtp-beam mtp-beam-verify" --beam-size "$beam_size" \
     --threshold "$beam_threshold" \
     ${lex_args[@]+"${lex_args[@]}"}
+  # Joint CTC/attention decoding: every extension scored by the decoder and by the CTC head's prefix score.
+  if [ "$joint_ctc_weight" != 0 ]; then
+    decode_all "$model" exp/asr/decode "beam mtp-beam-verify" --beam-size "$beam_size" \
+      --ctc-weight "$joint_ctc_weight" ${lex_args[@]+"${lex_args[@]}"}
+  fi
   mark_done beam
 fi
 
