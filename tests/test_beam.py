@@ -335,14 +335,15 @@ def test_decode_and_benchmark_commands(tmp_path):
                                        "--batch-sizes", "2", "--threshold", "0.5", "--beam-size", "2", "--device",
                                        "cpu", "--num-threads", "1", "--max-draft", "4", "--max-draft", "32",
                                        "--draft-branches", "1", "--draft-branches", "2", "--draft-tree", "3,2",
-                                       "--out-dir", str(bench)])
+                                       "--ctc-weight", "0.5", "--out-dir", str(bench)])
     assert result.exit_code == 0, result.output
     rows = json.loads((bench / "benchmark.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["greedy", "mtp-threshold-tau0.5", "mtp-verify", "mtp-verify-tree3x2",
                                            "ctc-verify-D4", "ctc-verify-D4-tree3x2", "ctc-verify-D4-br2",
                                            "ctc-verify-D4-br2-tree3x2", "ctc-verify-D32", "ctc-verify-D32-tree3x2",
                                            "ctc-verify-D32-br2", "ctc-verify-D32-br2-tree3x2", "ctc-rescore-w0.5",
-                                           "beam-B2", "mtp-beam-tau0.5-B2", "mtp-beam-verify-B2"]
+                                           "beam-B2", "mtp-beam-tau0.5-B2", "mtp-beam-verify-B2",
+                                           "beam-ctc0.5-B2", "mtp-beam-verify-ctc0.5-B2"]
     for name in ("mtp-verify-tree3x2", "ctc-verify-D4", "ctc-verify-D4-tree3x2", "ctc-verify-D4-br2-tree3x2",
                  "ctc-verify-D32"):
         assert next(r for r in rows if r["method"] == name)["same_as_greedy"] == 1.0
