@@ -15,9 +15,9 @@ with `mtp-verify`'s decoder calls.
 With a CTC prefix scorer it is joint CTC/attention decoding (`mtp_asr.decode.beam`'s): at every fed position the
 decoder's pre-beam tokens get joint scores, extending the CTC prefix along the drafts, and a draft is kept where it
 is the joint score's best token. With one head it is joint `beam` (tests/test_joint_ctc.py). Demo dev, B=4, w=0.5:
-15.48% WER with 2686 decoder calls, joint beam 14.27% with 8590: the drafted search compares hypotheses of different
-lengths in one pool, and the CTC term, unlike the decoder's confident drafts, charges each extra token a little
-(length_norm 1: 15.14%; B=8: 14.73% with 2837 calls).
+15.48% WER with 2686 decoder calls, joint beam 14.27% with 8590 (length_norm 1: 15.14%; B=8: 14.73% with 2837
+calls): the drafted search compares hypotheses of different lengths in one pool and explores differently; it finds
+a better joint score than joint beam as often as a worse one (egs/synth/asr/RESULTS.md).
 """
 from typing import Optional
 
