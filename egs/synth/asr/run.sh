@@ -50,8 +50,8 @@ record the options: to redo a stage with other options, remove its marker and th
   5  pre-train the encoder with CTC (exp/ctc; --ctc-epochs 0 skips it); alone, on two torchrun ranks
   6  train Speech-LLaMA with K=4 MTP heads (exp/asr; two torchrun ranks on a CPU)
   7  average the last --avg epochs
-  8  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (--distill-steps 0
-     skips it); the trunk and head 1 stay as they are, so greedy output does not change
+  8  self-distil heads 2..K on the model's own greedy transcripts of --distill-cuts training cuts (off by default:
+     --distill-steps N runs it); the trunk and head 1 stay as they are, so greedy output does not change
   9  decode every test set: the CTC head alone (ctc; best path, and a prefix beam search over the lexicon's
      words), greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (with a chain of head drafts, and with a
      tree of --draft-tree-nodes drafts fitted on dev by mtp-asr draft-tree; ctc-verify's tree run verifies up to
