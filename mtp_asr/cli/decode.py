@@ -12,6 +12,7 @@ METHOD_CHOICES = ["ctc", "greedy", "mtp-threshold", "mtp-verify", "ctc-verify", 
 BEAM_METHODS = ("beam", "mtp-beam", "mtp-beam-verify")
 VERIFY_METHODS = ("mtp-verify", "ctc-verify")
 CTC_METHODS = ("ctc", "ctc-verify", "ctc-rescore")
+CTC_WEIGHT_METHODS = ("ctc-rescore", "beam", "mtp-beam-verify")  # rescoring, and joint CTC/attention beam searches
 MTP_METHODS = ("mtp-threshold", "mtp-verify", "ctc-verify", "mtp-beam", "mtp-beam-verify")  # using heads 2..K
 
 
@@ -160,7 +161,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
                **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                **options_for(("ctc-verify",), method, draft_branches=draft_branches), "max_draft": max_draft,
                **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
-               **options_for(("ctc-rescore", "beam", "mtp-beam-verify"), method, ctc_weight=ctc_weight),
+               **options_for(CTC_WEIGHT_METHODS, method, ctc_weight=ctc_weight),
                **options_for(("ctc-rescore",), method, rescore_beam=rescore_beam),
                "max_tokens_per_second": max_tokens_per_second, "decoder_threads": decoder_threads, "lexicon": lexicon}
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
@@ -275,7 +276,7 @@ def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, m
                               **options_for(VERIFY_METHODS, method, draft_tree=draft_tree),
                               **options_for(("ctc-verify",), method, draft_branches=draft_branches),
                               **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
-                              **options_for(("ctc-rescore", "beam", "mtp-beam-verify"), method, ctc_weight=ctc_weight),
+                              **options_for(CTC_WEIGHT_METHODS, method, ctc_weight=ctc_weight),
                               **options_for(("ctc-rescore",), method, rescore_beam=rescore_beam),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)

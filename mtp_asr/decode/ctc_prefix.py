@@ -75,10 +75,10 @@ class CTCPrefixScorer:
         """The CTC log-probability each of `tokens` (H, C) adds to its hypothesis' prefix, (H, C) float64 (for EOS:
         the whole sequence's), and the extended prefixes' states, flattened to H x C rows (row i * C + j)."""
         H, C = tokens.shape
-        x = self.x[state.utt]  # (H, T, V+1)
-        T = x.shape[1]
-        x_c = x.gather(2, tokens[:, None, :].expand(H, T, C)).transpose(1, 2)  # (H, C, T)
-        x_b = x[..., self.blank][:, None, :]  # (H, 1, T)
+        T = self.x.shape[1]
+        # Only the frames' scores of the candidates and blank, not the whole vocabulary's per hypothesis.
+        x_c = self.x[state.utt[:, None], :, tokens]  # (H, C, T)
+        x_b = self.x[state.utt, :, self.blank][:, None, :]  # (H, 1, T)
         both = torch.logaddexp(state.r_n, state.r_b)
         phi = torch.where((tokens == state.last[:, None])[..., None], state.r_b[:, None, :], both[:, None, :])
         empty = (state.last < 0)[:, None, None].expand(H, C, 1)

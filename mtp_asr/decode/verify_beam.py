@@ -75,8 +75,10 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
             draft_lp = logp.gather(-1, fed[:, : depth, None])[..., 0].tolist()
             top_lp, top_tok = top_lp.tolist(), top_tok.tolist()
         else:
-            top_lp, top_tok, head1, draft_lp, ctc_rows, ctc_next = _joint_depths(logp, ctc, ctc_state, ctc_weight,
-                                                                                beam_size)
+            top_lp, top_tok, ctc_rows, ctc_next = _joint_depths(logp, ctc, ctc_state, ctc_weight, beam_size)
+            # a draft is kept where it is the joint score's best token, with that token's joint score
+            head1 = [[toks[0] for toks in row] for row in top_tok]
+            draft_lp = [[lps[0] for lps in row] for row in top_lp]
         base = (cache.lengths + n_real).tolist()
 
         candidates = {}  # utterance -> candidates
@@ -132,10 +134,9 @@ def _joint_depths(logp: Tensor, ctc: CTCPrefixScorer, state: CTCPrefixState, wei
     """Joint scores at every depth of the fed drafts, `logp` (H, depth, V) being head 1's there. Depth a extends the
     prefix the joint scores chose at depths before it: where the draft was that choice, the draft's prefix, and only
     then are depth a's candidates used. Returns, as lists per hypothesis and depth: the beam_size best joint scores
-    and tokens, the best token and its score (the draft is kept where it is that token), the candidates' rows in the
-    returned CTC states."""
+    and tokens, best first, and the candidates' rows in the returned CTC states."""
     H, depth = logp.shape[:2]
-    top_lp, top_tok, best_tok, best_lp, rows, states = [], [], [], [], [], []
+    top_lp, top_tok, rows, states = [], [], [], []
     offset, index = 0, torch.arange(H, device=logp.device)
     for a in range(depth):
         joint, pre_tok, extended = joint_scores(logp[:, a], ctc, state, weight, beam_size)
@@ -143,13 +144,10 @@ def _joint_depths(logp: Tensor, ctc: CTCPrefixScorer, state: CTCPrefixState, wei
         top_lp.append(lp.tolist())
         top_tok.append(pre_tok.gather(1, col).tolist())
         rows.append((offset + index[:, None] * joint.shape[1] + col).tolist())
-        best = joint.argmax(-1)
-        best_tok.append(pre_tok.gather(1, best[:, None])[:, 0].tolist())
-        best_lp.append(joint.gather(1, best[:, None])[:, 0].tolist())
         states.append(extended)
         offset += H * joint.shape[1]
-        state = extended.select(index * joint.shape[1] + best)
-    per_hyp = [[list(x) for x in zip(*lists)] for lists in (top_lp, top_tok, best_tok, best_lp, rows)]
+        state = extended.select(index * joint.shape[1] + col[:, 0])  # the prefix grown by the best token
+    per_hyp = [[list(x) for x in zip(*lists)] for lists in (top_lp, top_tok, rows)]
     return (*per_hyp, CTCPrefixState.cat(states))
 
 
