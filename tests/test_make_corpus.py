@@ -37,11 +37,18 @@ def sentence_pool(n: int = 90) -> "synth_sentences.SentencePool":
     return synth_sentences.SentencePool(sentences, (), tuple(sorted(w.upper() for w in WORDS)), n)
 
 
+def source_documents() -> tuple:
+    """The made-up pool's sentences in documents of three, each with a sentence of other words (n-gram LM text)."""
+    texts = [s.text for s in sentence_pool().sentences]
+    return tuple(tuple((t, t) for t in texts[i:i + 3]) + ((f"OTHER WORDS {i}", ""),) for i in range(0, len(texts), 3))
+
+
 @pytest.fixture
 def fake_synthesis(monkeypatch):
     """make_corpus on the made-up pool with a renderer that writes nothing: `fail(job)` decides which utterances
     fail; returns a dict of the utterance ids attempted and failed, per split."""
     monkeypatch.setattr(mc, "load_sentence_pool", lambda vocab_size: sentence_pool())
+    monkeypatch.setattr(mc, "source_documents", source_documents)
     seen = {"attempted": {s: set() for s in SPLITS}, "failed": {s: set() for s in SPLITS}, "fail": lambda job: False}
 
     def render_batch(batch):
@@ -114,3 +121,19 @@ def test_a_split_with_one_synthesis_left_is_written(fake_synthesis, tmp_path):
         assert stats["splits"][split]["utterances"] == len(listed)
     assert stats["splits"]["test_unseen_voice"]["utterances"] == 1
     assert (out / "stats.json").is_file()
+
+
+def test_ngram_text_is_the_documents_without_an_eval_sentence(fake_synthesis, tmp_path):
+    out = tmp_path / "c"
+    stats = mc.make_corpus(out, hours=0.01, seed=0, jobs=1, engines=ENGINES)
+    held_out = {line.split(" ", 1)[1] for split in SPLITS[1:]
+                for line in (out / split / "text").read_text().splitlines()}
+    held_sentences = {s.text for s in sentence_pool().sentences if any(f" {s.text} " in f" {p} " for p in held_out)}
+    lines = set((out / "ngram_text.txt").read_text().splitlines())
+    for document in source_documents():
+        texts = {t for t, _ in document}
+        assert (texts <= lines) == (not texts & held_sentences), document
+        assert not (texts & lines and texts & held_sentences)
+    assert stats["ngram_text_documents_dropped"] == sum(bool({t for t, _ in d} & held_sentences)
+                                                        for d in source_documents()) > 0
+    assert len(lines) == stats["ngram_text_lines"] and any(t.startswith("OTHER WORDS") for t in lines)

@@ -143,6 +143,23 @@ def test_lm_text_has_sentences_and_train_passages_but_no_eval_sentence(corpus):
                    for line in inside), sentence
 
 
+def test_ngram_text_leaves_out_every_document_of_an_eval_sentence(corpus):
+    out, stats = corpus
+    lines = (out / "ngram_text.txt").read_text().splitlines()
+    assert lines == sorted(set(lines)) and len(lines) == stats["ngram_text_lines"]
+    assert all(line == normalize_text(line) for line in lines)
+    held_out = {s for r in read_records(out) if r["split"] != "train" for s in r["sentences"]}
+    documents = synth_sentences.source_documents()
+    dropped = [d for d in documents if any(t in held_out or p in held_out for t, p in d)]
+    assert len(dropped) == stats["ngram_text_documents_dropped"] > 0
+    kept = {t for d in documents if d not in dropped for t, _ in d if t}
+    assert set(lines) == kept and not held_out & kept
+    vocabulary = set(synth_sentences.load_sentence_pool().vocabulary)
+    assert stats["ngram_text_words"] > 10 * sum(len(s.text.split()) for s in synth_sentences.load_sentence_pool()
+                                                .sentences)  # text without audio, most of it out of the vocabulary
+    assert sum(not set(line.split()) <= vocabulary for line in lines) > 0.5 * len(lines)
+
+
 def test_same_seed_same_corpus_other_seed_differs(corpus, tmp_path):
     out, _ = corpus
     again = tmp_path / "again"

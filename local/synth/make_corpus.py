@@ -8,6 +8,9 @@ Writes under OUT_DIR:
   wav/<split>/<utt_id>.wav                16 kHz mono 16-bit audio
   lm_text.txt                             decoder LM pre-training text, one line each: every in-vocabulary sentence
                                           except dev/test ones, and every train passage
+  ngram_text.txt                          word n-gram LM text (text without audio), one sentence per line: every
+                                          sentence, whatever its words, of the source documents (a WordNet gloss,
+                                          a fortune cookie) that hold no dev/test sentence
   utterances.jsonl                        one line per planned utterance: voice, passage, parameters, outcome
   failed.txt                              one line per failed synthesis: utt id, engine/voice, error
   stats.json                              sizes per split and overall (also returned by make_corpus); written last
@@ -16,7 +19,7 @@ An utterance is a passage of 1-3 sentences (12-30 words, mean ~18; see synth_pas
 `hours` is the total audio over all four splits. dev and test take about 5% and 9% of the utterances (at least 3,
 at most 100 and 170, so they stay cheap to decode); test_unseen_voice speaks the test passages with held-out
 voices (see synth_voices); train gets the rest. No sentence of a dev or test passage occurs in train or
-lm_text.txt; once every train passage has been spoken, the train sentences are regrouped into new passages.
+lm_text.txt, and no document that holds one in ngram_text.txt; once every train passage has been spoken, the train sentences are regrouped into new passages.
 Everything is drawn from one random generator seeded by `seed`, so a seed fixes passages, voices, parameters and
 file names, and the audio too for the same engine versions. Utterance ids are `<voice_id>-p<passage id>`.
 """
@@ -42,7 +45,7 @@ if str(_HERE.parents[1]) not in sys.path:  # mtp_asr from this checkout when the
 from mtp_asr.utils import Progress, atomic_write_text, format_seconds, logger, setup_logging  # noqa: E402
 from synth_render import RenderBatch, RenderJob, Result, render_batch  # noqa: E402
 from synth_passages import Passage, form_passages, passage_units  # noqa: E402
-from synth_sentences import VOCAB_SIZE, SentencePool, load_sentence_pool  # noqa: E402
+from synth_sentences import VOCAB_SIZE, SentencePool, load_sentence_pool, source_documents  # noqa: E402
 from synth_voices import (  # noqa: E402
     ENGINE_BINARIES, Voice, VoicePicker, check_engines, default_engines, draw_params, missing_engines)
 
@@ -245,6 +248,8 @@ def make_corpus(out_dir: Path, hours: float, seed: int = 0, jobs: int = 2, engin
     _remove_stale_wavs(out_dir, ok)
     lm_sentences, lm_passages = lm_text(pool, corpus_plan)
     atomic_write_text(out_dir / "lm_text.txt", "".join(f"{t}\n" for t in sorted(lm_sentences | lm_passages)))
+    ngram_lines, dropped_documents = ngram_text(pool, corpus_plan)
+    atomic_write_text(out_dir / "ngram_text.txt", "".join(f"{t}\n" for t in ngram_lines))
     atomic_write_text(out_dir / "utterances.jsonl", "".join(
         json.dumps(_utterance_record(pool, u, results[u.utt_id])) + "\n" for u in sorted(plan, key=lambda u: u.utt_id)))
 
@@ -261,6 +266,9 @@ def make_corpus(out_dir: Path, hours: float, seed: int = 0, jobs: int = 2, engin
         "lm_text_lines": len(lm_sentences | lm_passages),
         "lm_text_sentences": len(lm_sentences),
         "lm_text_passages": len(lm_passages - lm_sentences),
+        "ngram_text_lines": len(ngram_lines),
+        "ngram_text_words": sum(len(t.split()) for t in ngram_lines),
+        "ngram_text_documents_dropped": dropped_documents,
         "failed_syntheses": len(failed),
         "wall_clock_seconds": round(time.monotonic() - start, 1),
         "seed": seed,
@@ -281,6 +289,20 @@ def lm_text(pool: SentencePool, corpus_plan: CorpusPlan) -> Tuple[Set[str], Set[
     held_out = {i for u in corpus_plan.utterances if u.split != "train" for i in u.passage.sentence_indices}
     sentences = {s.text for i, s in enumerate(pool.sentences) if i not in held_out}
     return sentences, {p.text for p in corpus_plan.train_passages}
+
+
+def ngram_text(pool: SentencePool, corpus_plan: CorpusPlan) -> Tuple[List[str], int]:
+    """The word n-gram LM's lines (distinct sentences, sorted) and the number of documents left out: those holding
+    a sentence of a dev/test passage (the whole document, so no neighbour of a test sentence lends it context)."""
+    held_out = {pool.sentences[i].text for u in corpus_plan.utterances if u.split != "train"
+                for i in u.passage.sentence_indices}
+    lines, dropped = set(), 0
+    for document in source_documents():
+        if any(text in held_out or pool_text in held_out for text, pool_text in document):
+            dropped += 1
+            continue
+        lines.update(text for text, _ in document if text)
+    return sorted(lines), dropped
 
 
 def _utterance_record(pool: SentencePool, u: Utterance, result: Result) -> dict:

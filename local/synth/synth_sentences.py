@@ -172,5 +172,20 @@ def source_candidates() -> Candidates:
     return candidate_sentences(list(wordnet_glosses()) + list(fortune_cookies()))
 
 
+@functools.lru_cache(maxsize=1)
+def source_documents() -> Tuple[Tuple[Tuple[str, str], ...], ...]:
+    """Every document of the sources as its sentences, each as (normalised text, the pool's text of it or "" where
+    the prose filters reject it): the word n-gram LM's text, whatever its words (see make_corpus)."""
+    source_candidates()  # the same sources, checked
+    out = []
+    for document in list(wordnet_glosses()) + list(fortune_cookies()):
+        sentences = []
+        for raw in document:
+            spoken = speakable(raw)
+            sentences.append((normalize_text(raw), normalize_text(spoken) if spoken else ""))
+        out.append(tuple(sentences))
+    return tuple(out)
+
+
 def load_sentence_pool(vocab_size: int = VOCAB_SIZE) -> SentencePool:
     return restrict_to_vocabulary(source_candidates(), vocab_size)

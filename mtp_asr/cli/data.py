@@ -118,3 +118,23 @@ def train_bpe_cmd(cuts, out_dir, vocab_size, model_type, extra_text):
 
     texts = itertools.chain(manifest_texts(cuts), *(text_file_lines(p) for p in extra_text))
     train_bpe(texts, out_dir, vocab_size=vocab_size, model_type=model_type)
+
+
+@main.command("train-ngram")
+@click.argument("texts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--order", default=3, show_default=True, type=click.IntRange(min=1), help="n of the n-grams.")
+@library_call
+def train_ngram_cmd(texts, out, order):
+    """A word n-gram LM from TEXTS (one sentence per line, normalised as transcripts are) -> OUT, an ARPA file
+    (gzip if it ends in .gz), by interpolated modified Kneser-Ney: `decode --word-lm` fuses it into beam searches."""
+    from mtp_asr.data.tokenizer import text_file_lines
+    from mtp_asr.ngram import train_kneser_ney
+    from mtp_asr.utils import logger
+
+    sentences = [line.split() for path in texts for line in text_file_lines(path)]
+    lm = train_kneser_ney(sentences, order, name=", ".join(map(str, texts)))
+    lm.write_arpa(out)
+    counts = [sum(len(g) == n for g in lm.prob) for n in range(1, order + 1)]
+    logger.info("%s: %d-gram LM of %d sentences, %d words; n-grams per order %s", out, order, len(sentences),
+                sum(map(len, sentences)), counts)

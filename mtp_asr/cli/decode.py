@@ -13,6 +13,7 @@ BEAM_METHODS = ("beam", "mtp-beam", "mtp-beam-verify")
 VERIFY_METHODS = ("mtp-verify", "ctc-verify")
 CTC_METHODS = ("ctc", "ctc-verify", "ctc-rescore")
 CTC_WEIGHT_METHODS = ("ctc-rescore", "beam", "mtp-beam-verify")  # rescoring, and joint CTC/attention beam searches
+WORD_LM_METHODS = ("beam", "mtp-beam-verify")  # word n-gram LM fusion
 MTP_METHODS = ("mtp-threshold", "mtp-verify", "ctc-verify", "mtp-beam", "mtp-beam-verify")  # using heads 2..K
 
 
@@ -98,6 +99,12 @@ def method_options(fn):
         click.option("--rescore-beam", type=click.IntRange(min=0),
                      help="ctc-rescore: also score the decoder's own N best transcripts, its calls added (1: greedy's, "
                           "found by ctc-verify; N > 1: mtp-beam-verify's N-best with beam N; default 0: none)."),
+        click.option("--word-lm", type=FILE,
+                     help="beam, mtp-beam-verify (with --lexicon): shallow fusion of a word n-gram LM, an ARPA file "
+                          "(`mtp-asr train-ngram`, or any, .gz too); each word's LM log-probability, spread over its "
+                          "tokens by look-ahead through the lexicon, is added to the scores x --lm-weight."),
+        click.option("--lm-weight", type=click.FloatRange(min=0),
+                     help="The word LM's weight (with --word-lm; default 0.5)."),
         decoder_threads_option,
         lexicon_option,
     ]
@@ -130,6 +137,12 @@ def options_for(methods: tuple, method: str, **options) -> dict:
     return given
 
 
+def word_lm_options(method: str, word_lm, lm_weight) -> dict:
+    if lm_weight is not None and word_lm is None:
+        raise click.BadParameter("needs --word-lm", param_hint="--lm-weight")
+    return options_for(WORD_LM_METHODS, method, word_lm=word_lm, lm_weight=lm_weight)
+
+
 @main.command("decode")
 @model_options
 @method_options
@@ -145,8 +158,8 @@ def options_for(methods: tuple, method: str, **options) -> dict:
               help="Result directory (default: EXP_DIR/<method>, or the checkpoint's directory/<method>).")
 @library_call
 def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_branches, draft_tree,
-               beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, rescore_beam,
-               decoder_threads, lexicon, manifests, thresholds, nbest, batch_size, out_dir):
+               beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, rescore_beam, word_lm,
+               lm_weight, decoder_threads, lexicon, manifests, thresholds, nbest, batch_size, out_dir):
     """Decode cut sets; write icefall-style results per set and setting.
 
     In OUT_DIR: recogs-<set>-<suffix>.txt, errs-<set>-<suffix>.txt (alignment, WER, per-utterance, substitutions,
@@ -163,6 +176,7 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
                **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
                **options_for(CTC_WEIGHT_METHODS, method, ctc_weight=ctc_weight),
                **options_for(("ctc-rescore",), method, rescore_beam=rescore_beam),
+               **word_lm_options(method, word_lm, lm_weight),
                "max_tokens_per_second": max_tokens_per_second, "decoder_threads": decoder_threads, "lexicon": lexicon}
     num_heads = options_for(MTP_METHODS, method, num_heads=num_heads).get("num_heads")
     path, n_avg, name = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
@@ -264,8 +278,8 @@ def draft_tree_cmd(checkpoint, exp_dir, epoch, avg, device, manifests, nodes, ma
 @click.argument("files", type=FILE, nargs=-1, required=True)
 @library_call
 def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_draft, draft_branches, draft_tree,
-                   beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, rescore_beam,
-                   decoder_threads, lexicon, threshold, files):
+                   beam_size, length_norm, max_tokens_per_second, ctc_beam_size, ctc_weight, rescore_beam, word_lm,
+                   lm_weight, decoder_threads, lexicon, threshold, files):
     """Print `FILE<TAB>transcript` for each audio file (wav, flac, ogg, mp3; any sample rate; mono or stereo)."""
     from mtp_asr.decode.run import resolve_checkpoint, transcribe_files
     from mtp_asr.decode.runner import DecodeSettings
@@ -278,6 +292,7 @@ def transcribe_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, m
                               **options_for(CTC_METHODS, method, ctc_beam_size=ctc_beam_size),
                               **options_for(CTC_WEIGHT_METHODS, method, ctc_weight=ctc_weight),
                               **options_for(("ctc-rescore",), method, rescore_beam=rescore_beam),
+                              **word_lm_options(method, word_lm, lm_weight),
                               **options_for(BEAM_METHODS, method, beam_size=beam_size, length_norm=length_norm))
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     for name, text in transcribe_files(path, n_avg, files, settings, device):

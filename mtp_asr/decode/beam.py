@@ -65,7 +65,7 @@ lets it). 0.5, the default, matches 1 on the trained checkpoints, recovers half 
 and still outranks an early EOS (tests/test_beam.py).
 """
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -74,6 +74,7 @@ from mtp_asr.decode.ctc_prefix import CTCPrefixScorer, CTCPrefixState
 from mtp_asr.decode.generate import Hypothesis
 from mtp_asr.decode.lattice import LatticeBuilder
 from mtp_asr.decode.lexicon import Lexicon
+from mtp_asr.decode.word_lm import WordLM
 from mtp_asr.model.lm import MTPLanguageModel
 
 BEAM_METHODS = ("beam", "mtp-beam")
@@ -117,6 +118,7 @@ class _Partial:
     lex: int = Lexicon.start  # its lexicon state (with a lexicon)
     cached: int = 0  # mtp-beam-verify: the cache slots of its row that it continues from
     ctc: int = 0  # joint decoding: its row among the CTC prefix states of the call's candidates
+    words: tuple = ()  # with a word LM: its history (the last words, `mtp_asr.decode.word_lm`)
 
 
 @torch.inference_mode()
@@ -124,7 +126,7 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
                 num_heads: Optional[int] = None, threshold: float = 1.0, max_new_tokens=200, beam_size: int = 4,
                 nbest: Optional[int] = None, length_norm: float = 0.5, lattice: bool = False,
                 lexicon: Optional[Lexicon] = None, ctc: Optional[CTCPrefixScorer] = None,
-                ctc_weight: float = 0.0) -> BeamOutput:
+                ctc_weight: float = 0.0, word_lm: Optional[WordLM] = None) -> BeamOutput:
     """Beam-search every row of `prefix` (B, P, dim; the first prefix_lens[r] positions are row r's prompt).
 
     method: `beam` (head 1 only) or `mtp-beam` (num_heads heads, default all of the model's; tau = threshold).
@@ -136,21 +138,24 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
     ctc, ctc_weight: joint CTC/attention decoding (`mtp_asr.decode.ctc_prefix`; `beam` only): each hypothesis'
     pre_beam best tokens by the decoder are ranked by (1 - ctc_weight) x decoder + ctc_weight x CTC prefix score,
     and the token scores are those sums.
+    word_lm: shallow fusion of a word n-gram LM over `lexicon`'s words (`beam` only): its weighted charges are added
+    to the candidates' scores (among the same pre-beam tokens), with or without a CTC scorer.
     """
     if method not in BEAM_METHODS:
         raise ValueError(f"unknown beam search method {method!r}; choose from {', '.join(BEAM_METHODS)}")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0 (got {threshold})")
     K = 1 if method == "beam" else (num_heads or lm.num_heads)
-    if ctc is not None and K > 1:
-        raise ValueError("joint CTC/attention decoding (a CTC weight) is built for `beam` only")
+    if (ctc is not None or word_lm is not None) and K > 1:
+        raise ValueError("joint CTC/attention decoding and word LM fusion are built for `beam` only")
+    check_word_lm(word_lm, lexicon)
     n_utts, device = prefix.shape[0], prefix.device
     nbest, limits = check_search(lm, K, beam_size, nbest, length_norm, n_utts, max_new_tokens)
 
     cache = lm.new_cache(n_utts, int(prefix_lens.max()) + max(limits) + K + 1, prefix_lens, dtype=prefix.dtype)
     eos, vocab = lm.eos_id, lm.decoder.cfg.vocab_size
     utt_of = list(range(n_utts))  # utterance of each live row
-    live = [_Partial((), (), (), (), 0.0, 0.0, row=r) for r in range(n_utts)]
+    live = [_Partial((), (), (), (), 0.0, 0.0, row=r, words=word_lm.start if word_lm else ()) for r in range(n_utts)]
     kept = [[] for _ in range(n_utts)]  # per utterance: the ended hypotheses among its B best
     calls = [0] * n_utts
     builders = [LatticeBuilder() for _ in range(n_utts)] if lattice else None
@@ -169,10 +174,11 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
         logits = lm.heads.logits(lm.decoder, 0, states[0][rows, last])
         if lexicon:
             logits = lexicon.constrain(logits, [h.lex for h in live])
-        if ctc is None:
+        if ctc is None and word_lm is None:
             top_lp, top_tok = _log_softmax(logits).topk(min(beam_size, vocab), dim=-1)
         else:
-            joint, pre_tok, ctc_next = joint_scores(_log_softmax(logits), ctc, ctc_state, ctc_weight, beam_size)
+            joint, pre_tok, ctc_next = joint_scores(_log_softmax(logits), beam_size, ctc, ctc_state, ctc_weight,
+                                                    word_lm, [h.words for h in live], [h.lex for h in live])
             top_lp, col = joint.topk(min(beam_size, joint.shape[1]), dim=-1)
             top_tok, top_col = pre_tok.gather(1, col), (col + rows[:, None] * joint.shape[1]).tolist()
         n_top = top_tok.shape[1]
@@ -205,6 +211,8 @@ def beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, metho
                 t = i * n_top + c if per_candidate else i
                 tail = list(zip(extra[t][: run[t]], extra_lp[t][: run[t]])) if K > 1 else []
                 cand = _extend(hyp, i, [(tok, lp)] + tail, eos, limits[u], length_norm)
+                if word_lm:
+                    cand.words = word_lm.advance(hyp.words, hyp.lex, cand.tokens[len(hyp.tokens):])
                 if lexicon:
                     cand.lex = lexicon.advance(hyp.lex, cand.tokens[len(hyp.tokens):])
                 if ctc is not None:
@@ -256,15 +264,29 @@ def _log_softmax(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.float() if logits.dtype.itemsize < 4 else logits, dim=-1)
 
 
-def joint_scores(log_probs: Tensor, ctc: CTCPrefixScorer, state: CTCPrefixState, weight: float, beam_size: int,
-                 pre_beam_factor: float = 1.5) -> tuple[Tensor, Tensor, CTCPrefixState]:
+def check_word_lm(word_lm: Optional[WordLM], lexicon: Optional[Lexicon]) -> None:
+    if word_lm is not None and word_lm.lexicon is not lexicon:
+        raise ValueError("word LM fusion needs the search to use the word LM's lexicon (--lexicon)")
+
+
+def joint_scores(log_probs: Tensor, beam_size: int, ctc: Optional[CTCPrefixScorer] = None,
+                 state: Optional[CTCPrefixState] = None, weight: float = 0.0, word_lm: Optional[WordLM] = None,
+                 histories: Sequence = (), lex_states: Sequence = (), pre_beam_factor: float = 1.5
+                 ) -> tuple[Tensor, Tensor, Optional[CTCPrefixState]]:
     """Joint decoding's candidates after each hypothesis: the decoder's pre-beam best tokens of `log_probs` (H, V)
-    (1.5 x the beam, as in ESPnet: the CTC term reorders the decoder's likely tokens, it does not propose unlikely
-    ones), their scores (1 - weight) x decoder + weight x CTC prefix score (H, P), and the extended prefixes' CTC
-    states (row i * P + j for token j of hypothesis i). Tokens the lexicon rules out keep -inf."""
+    (1.5 x the beam, as in ESPnet: the CTC and LM terms reorder the decoder's likely tokens, they do not propose
+    unlikely ones), their scores (1 - weight) x decoder + weight x CTC prefix score (with `ctc`) + the word LM's
+    charges (with `word_lm`, after each hypothesis' history and lexicon state) (H, P), and the extended prefixes'
+    CTC states (row i * P + j for token j of hypothesis i; None without `ctc`). Tokens the lexicon rules out keep
+    -inf."""
     pre_lp, pre_tok = log_probs.topk(min(max(int(pre_beam_factor * beam_size), beam_size), log_probs.shape[1]), -1)
-    added, states = ctc.extend(state, pre_tok.to(ctc.x.device))
-    joint = (1 - weight) * pre_lp.double() + weight * added.to(pre_lp.device)
+    joint, states = pre_lp.double(), None
+    if ctc is not None:
+        added, states = ctc.extend(state, pre_tok.to(ctc.x.device))
+        joint = (1 - weight) * joint + weight * added.to(pre_lp.device)
+    if word_lm is not None:
+        joint = joint + torch.tensor(word_lm.charges(histories, lex_states, pre_tok.tolist()), dtype=joint.dtype,
+                                     device=joint.device)
     return joint.masked_fill(pre_lp == float("-inf"), float("-inf")), pre_tok, states
 
 

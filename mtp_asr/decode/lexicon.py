@@ -36,8 +36,12 @@ class Lexicon:
         self.words = sorted({w for line in words for w in normalize_text(line).split()})
         if not self.words:
             raise ValueError(f"lexicon {self.name} holds no words")
-        spelled = [(word, tokenizer.encode(word)) for word in self.words]
-        for word, tokens in spelled:
+        # Built in the order of the words' token sequences, so that the words below any node are consecutive in
+        # `spelled_words`: node n spans spelled_words[first[n]:last[n]] (a word LM's look-ahead sums over them).
+        spelled = sorted((tuple(tokenizer.encode(word)), word) for word in self.words)
+        self.spelled_words = [word for _, word in spelled]
+        self.first, self.last, self.word_id = [0], [len(spelled)], [-1]  # word_id: the word a final node ends
+        for i, (tokens, word) in enumerate(spelled):
             node = self.start
             for tok in tokens:
                 nxt = self.children[node].get(tok)
@@ -46,11 +50,16 @@ class Lexicon:
                     self.children[node][tok] = nxt
                     self.children.append({})
                     self.final.append(False)
+                    self.first.append(i)
+                    self.last.append(i + 1)
+                    self.word_id.append(-1)
+                self.last[nxt] = i + 1
                 node = nxt
             self.final[node] = True
+            self.word_id[node] = i
         # A word-start token (a child of the root) must never continue a word, or a state would be ambiguous.
         starts = set(self.children[self.start])
-        for word, tokens in spelled:
+        for tokens, word in spelled:
             node = self.start
             for tok in tokens:
                 node = self.children[node][tok]

@@ -23,7 +23,9 @@ from mtp_asr.decode.generate import METHODS, GenerateOutput, Hypothesis, generat
 from mtp_asr.decode.lexicon import Lexicon
 from mtp_asr.decode.tree_spec import parse_tree, tree_name
 from mtp_asr.decode.verify_beam import verify_beam_search
+from mtp_asr.decode.word_lm import WordLM
 from mtp_asr.model.speech_llama import SpeechLlama
+from mtp_asr.ngram import NgramLM
 from mtp_asr.utils import Progress, cpu_threads
 
 logger = logging.getLogger("mtp_asr")
@@ -61,6 +63,10 @@ class DecodeSettings:
     # alone): joint CTC/attention decoding (mtp_asr.decode.ctc_prefix); demo dev, beam 4: beam 20.62% -> 14.27% WER
     # at 0.5 (0.3 to 0.6 within 0.7 points), mtp-beam-verify 15.48% with 0.31x of joint beam's decoder calls.
     ctc_weight: Optional[float] = None
+    # beam and mtp-beam-verify with --lexicon: shallow fusion of a word n-gram LM (an ARPA file; mtp_asr.ngram,
+    # mtp_asr.decode.word_lm), its charges weighted by lm_weight; "": none.
+    word_lm: str = ""
+    lm_weight: float = 0.5
     # ctc-rescore: also score the decoder's own N best transcripts (its calls added to the two of the rescoring): 1,
     # greedy's, found losslessly by ctc-verify from the CTC search's best hypothesis; N > 1, the N-best of
     # mtp-beam-verify with beam N; 0: none. On the demo's dev set 17.45% WER, 16.52% with 1, 16.18% with 4 (15.83%
@@ -109,6 +115,16 @@ class DecodeSettings:
             raise ValueError(f"--ctc-beam-size must be >= 1 (got {self.ctc_beam_size})")
         if self.lexicon and not Path(self.lexicon).is_file():
             raise ValueError(f"--lexicon {self.lexicon} does not exist")
+        self.word_lm = str(self.word_lm or "")
+        if self.word_lm:
+            if self.method not in JOINT_METHODS:
+                raise ValueError(f"--word-lm applies to beam and mtp-beam-verify only (got --method {self.method})")
+            if not self.lexicon:
+                raise ValueError("--word-lm needs --lexicon: the LM scores words, so the search must spell known ones")
+            if not Path(self.word_lm).is_file():
+                raise ValueError(f"--word-lm {self.word_lm} does not exist")
+        if self.lm_weight < 0:
+            raise ValueError(f"--lm-weight must be >= 0 (got {self.lm_weight})")
         parse_tree(self.draft_tree)  # a clear error now rather than at the first batch
         if self.draft_tree and self.method not in ("mtp-verify", "ctc-verify"):
             raise ValueError(f"--draft-tree applies to mtp-verify and ctc-verify only (got --method {self.method})")
@@ -146,6 +162,8 @@ class DecodeSettings:
             text += f"-D{self.max_draft}" + (f"-br{self.draft_branches}" if self.draft_branches > 1 else "")
         if self.joint_ctc:
             text += f"-ctc{self.ctc_weight:g}"
+        if self.word_lm:
+            text += f"-lm{self.lm_weight:g}"
         if self.searches_ctc and self.ctc_beam_size != DecodeSettings.ctc_beam_size:
             text += f"-ctcB{self.ctc_beam_size}"
         if self.method == CTC_RESCORE:
@@ -199,6 +217,8 @@ class DecodeResult:
             "ctc_beam_size": self.settings.ctc_beam_size if self.settings.searches_ctc else None,
             "ctc_weight": self.settings.ctc_weight if self.settings.method == CTC_RESCORE or self.settings.joint_ctc
             else None,
+            "word_lm": self.settings.word_lm or None,
+            "lm_weight": self.settings.lm_weight if self.settings.word_lm else None,
             "rescore_beam": self.settings.rescore_beam if self.settings.method == CTC_RESCORE else None,
             "decoder_threads": self.settings.decoder_threads or None,
             "num_utts": len(self.results),
@@ -284,7 +304,8 @@ def decode_batch(model: SpeechLlama, feats: torch.Tensor, feat_lens: torch.Tenso
                     h.decoder_calls += calls
                 out.batch_calls += own[2]
         else:
-            out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon, joint)
+            word_lm = load_word_lm(settings.word_lm, settings.lm_weight, lexicon) if settings.word_lm else None
+            out = _search(model, prefix, prefix_lens, settings, limits, drafts, lexicon, joint, word_lm)
     _sync(device)
     return out, t1 - t0, time.perf_counter() - t1
 
@@ -331,14 +352,28 @@ def load_lexicon(path: str, tokenizer) -> Lexicon:
     return lexicon
 
 
-def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts, lexicon, joint=None):
+@functools.lru_cache(maxsize=2)
+def load_ngram(path: str) -> NgramLM:
+    ngram = NgramLM.read_arpa(path)
+    logger.info("word LM %s: order %d, %d words, %d n-grams", path, ngram.order, len(ngram.vocab), len(ngram.prob))
+    return ngram
+
+
+@functools.lru_cache(maxsize=4)
+def load_word_lm(path: str, weight: float, lexicon: Lexicon) -> WordLM:
+    """The word LM fusion of a decode run, over its lexicon, built once and reused by every batch."""
+    return WordLM(load_ngram(path), lexicon, weight)
+
+
+def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts, lexicon, joint=None,
+            word_lm=None):
     if settings.method == "mtp-beam-verify":
         return verify_beam_search(model.lm, prefix, prefix_lens, settings.num_heads, limits, settings.beam_size,
-                                  settings.nbest, settings.length_norm, lexicon, joint, settings.ctc_weight)
+                                  settings.nbest, settings.length_norm, lexicon, joint, settings.ctc_weight, word_lm)
     if settings.is_beam:
         return beam_search(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
                            limits, settings.beam_size, settings.nbest, settings.length_norm, lexicon=lexicon,
-                           ctc=joint, ctc_weight=settings.ctc_weight)
+                           ctc=joint, ctc_weight=settings.ctc_weight, word_lm=word_lm)
     return generate(model.lm, prefix, prefix_lens, settings.method, settings.num_heads, settings.threshold,
                     limits, drafts=drafts, max_draft=settings.max_draft, draft_branches=settings.draft_branches,
                     draft_tree=settings.draft_tree, lexicon=lexicon)

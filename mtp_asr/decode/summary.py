@@ -48,14 +48,15 @@ def tree_text(s: dict) -> str:
 
 def method_name(s: dict) -> str:
     """The method with the settings the other columns do not show: heads used when fewer than the model's, the CTC
-    draft length and branches, the CTC beam and weight, the draft tree, a lexicon (e.g. `ctc-verify D8 br2 ctcB16 tree
-    24nodes`, `mtp-verify K2`, `beam ctc0.5 lex`, `greedy lex`)."""
+    draft length and branches, the CTC beam and weight, a word LM's weight, the draft tree, a lexicon (e.g.
+    `ctc-verify D8 br2 ctcB16 tree 24nodes`, `mtp-verify K2`, `beam ctc0.5 lm0.5 lex`, `greedy lex`)."""
     tree = tree_name(tree_text(s))
     return (s["method"] + (f" K{s['num_heads']}" if s.get("num_heads") else "")
             + (f" D{s['max_draft']}" if s.get("max_draft") else "")
             + (f" br{s['draft_branches']}" if (s.get("draft_branches") or 1) > 1 else "")
             + (f" ctcB{s['ctc_beam_size']}" if s.get("ctc_beam_size") else "")
             + (_ctc_weight(s) if s.get("ctc_weight") is not None else "")
+            + (f" lm{s['lm_weight']:g}" if s.get("word_lm") else "")
             + (f" +B{s['rescore_beam']}" if s.get("rescore_beam") else "")
             + (f" tree {tree}" if tree else "")
             + (" lex" if s.get("lexicon") else ""))
@@ -89,11 +90,12 @@ def summarize(dirs: Sequence[Path], out: Path) -> str:
     order = {"ctc": -1, "greedy": 0, "mtp-threshold": 1, "mtp-verify": 2, "ctc-verify": 3, "ctc-rescore": 4, "beam": 5,
              "mtp-beam": 6, "mtp-beam-verify": 7}
     rows.sort(key=lambda s: (s["test_set"], s.get("checkpoint", ""), s.get("lexicon") or "",
-                             order.get(s["method"], 9), tree_text(s), s.get("threshold") or 0, s.get("beam_size") or 0))
+                             order.get(s["method"], 9), tree_text(s), s.get("threshold") or 0, s.get("beam_size") or 0,
+                             s.get("lm_weight") or 0))
     add_speedups(rows)
     out = Path(out)
     keys = COLUMNS + ("checkpoint", "batch_size", "max_draft", "draft_branches", "ctc_beam_size", "ctc_weight",
-                      "rescore_beam", "draft_tree", "lexicon", "num_utts", "num_tokens", "file")
+                      "word_lm", "lm_weight", "rescore_beam", "draft_tree", "lexicon", "num_utts", "num_tokens", "file")
     atomic_write_text(out, json.dumps([{k: s.get(k) for k in keys} for s in rows], indent=2) + "\n")
     table = markdown(rows)
     atomic_write_text(out.with_suffix(".md"), table + "\n")

@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from mtp_asr.decode.beam import (BeamOutput, _Partial, _extend, _log_softmax, _pad, _prune, _public, check_search,
-                                  joint_scores)
+                                  check_word_lm, joint_scores)
 from mtp_asr.decode.ctc_prefix import CTCPrefixScorer, CTCPrefixState
 from mtp_asr.decode.generate import Hypothesis
 from mtp_asr.decode.lexicon import DEAD, Lexicon
+from mtp_asr.decode.word_lm import WordLM
 from mtp_asr.model.lm import MTPLanguageModel
 
 
@@ -36,10 +37,12 @@ from mtp_asr.model.lm import MTPLanguageModel
 def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor, num_heads: Optional[int] = None,
                        max_new_tokens=200, beam_size: int = 4, nbest: Optional[int] = None,
                        length_norm: float = 0.5, lexicon: Optional[Lexicon] = None,
-                       ctc: Optional[CTCPrefixScorer] = None, ctc_weight: float = 0.0) -> BeamOutput:
+                       ctc: Optional[CTCPrefixScorer] = None, ctc_weight: float = 0.0,
+                       word_lm: Optional[WordLM] = None) -> BeamOutput:
     """Beam-search every row of `prefix` (B, P, dim) with drafts of heads 2..num_heads verified by head 1. Options
-    as in `mtp_asr.decode.beam.beam_search`; with `ctc`, joint CTC/attention scores throughout (a draft is kept
+    as in `mtp_asr.decode.beam.beam_search`; with `ctc` or `word_lm`, joint scores throughout (a draft is kept
     where it is the joint score's best token)."""
+    check_word_lm(word_lm, lexicon)
     K = num_heads or lm.num_heads
     n_utts, device = prefix.shape[0], prefix.device
     nbest, limits = check_search(lm, K, beam_size, nbest, length_norm, n_utts, max_new_tokens)
@@ -48,7 +51,7 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
     eos, vocab = lm.eos_id, lm.decoder.cfg.vocab_size
     folded = lm.heads.fold(lm.decoder) if K > 1 else None
     utt_of = list(range(n_utts))
-    live = [_Partial((), (), (), (), 0.0, 0.0, row=r) for r in range(n_utts)]
+    live = [_Partial((), (), (), (), 0.0, 0.0, row=r, words=word_lm.start if word_lm else ()) for r in range(n_utts)]
     ctc_state = ctc.initial() if ctc is not None else None
     drafts = [[] for _ in range(n_utts)]  # per live hypothesis: the heads' drafts fed after its pending tokens
     kept = [[] for _ in range(n_utts)]
@@ -67,7 +70,7 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
         if lexicon:
             logits = lexicon.constrain(logits, _path_states(lexicon, live, drafts, depth))
         logp = _log_softmax(logits)
-        if ctc is None:
+        if ctc is None and word_lm is None:
             top_lp, top_tok = logp.topk(min(beam_size, vocab), dim=-1)
             head1 = logits.argmax(-1).tolist()
             # head 1's log-probability of each draft, from the position before it (padding reads token 0, unused)
@@ -75,7 +78,8 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
             draft_lp = logp.gather(-1, fed[:, : depth, None])[..., 0].tolist()
             top_lp, top_tok = top_lp.tolist(), top_tok.tolist()
         else:
-            top_lp, top_tok, ctc_rows, ctc_next = _joint_depths(logp, ctc, ctc_state, ctc_weight, beam_size)
+            top_lp, top_tok, ctc_rows, ctc_next = _joint_depths(logp, beam_size, ctc, ctc_state, ctc_weight, word_lm,
+                                                                live)
             # a draft is kept where it is the joint score's best token, with that token's joint score
             head1 = [[toks[0] for toks in row] for row in top_tok]
             draft_lp = [[lps[0] for lps in row] for row in top_lp]
@@ -96,6 +100,8 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
                         continue
                     cand = _extend(hyp, i, kept_drafts + [(tok, lp)], eos, limits[u], length_norm, next_token=True)
                     cand.pending = cand.pending[-1:]  # the kept drafts are in the cache already
+                    if word_lm:
+                        cand.words = word_lm.advance(hyp.words, hyp.lex, cand.tokens[len(hyp.tokens):])
                     if lexicon:
                         cand.lex = lexicon.advance(hyp.lex, cand.tokens[len(hyp.tokens):])
                     cand.cached = base[i] + a  # its real tokens and the drafts it kept
@@ -130,25 +136,34 @@ def verify_beam_search(lm: MTPLanguageModel, prefix: Tensor, prefix_lens: Tensor
     return BeamOutput(nbest_lists, hyps, batch_calls)
 
 
-def _joint_depths(logp: Tensor, ctc: CTCPrefixScorer, state: CTCPrefixState, weight: float, beam_size: int) -> tuple:
+def _joint_depths(logp: Tensor, beam_size: int, ctc: Optional[CTCPrefixScorer], state: Optional[CTCPrefixState],
+                  weight: float, word_lm: Optional[WordLM], live: list) -> tuple:
     """Joint scores at every depth of the fed drafts, `logp` (H, depth, V) being head 1's there. Depth a extends the
     prefix the joint scores chose at depths before it: where the draft was that choice, the draft's prefix, and only
     then are depth a's candidates used. Returns, as lists per hypothesis and depth: the beam_size best joint scores
-    and tokens, best first, and the candidates' rows in the returned CTC states."""
+    and tokens, best first, and the candidates' rows in the returned CTC states (None without `ctc`)."""
     H, depth = logp.shape[:2]
     top_lp, top_tok, rows, states = [], [], [], []
     offset, index = 0, torch.arange(H, device=logp.device)
+    histories, lex_states = [h.words for h in live], [h.lex for h in live]
     for a in range(depth):
-        joint, pre_tok, extended = joint_scores(logp[:, a], ctc, state, weight, beam_size)
+        joint, pre_tok, extended = joint_scores(logp[:, a], beam_size, ctc, state, weight, word_lm, histories,
+                                                lex_states)
         lp, col = joint.topk(min(beam_size, joint.shape[1]), dim=-1)
+        tokens = pre_tok.gather(1, col).tolist()
         top_lp.append(lp.tolist())
-        top_tok.append(pre_tok.gather(1, col).tolist())
+        top_tok.append(tokens)
         rows.append((offset + index[:, None] * joint.shape[1] + col).tolist())
-        states.append(extended)
-        offset += H * joint.shape[1]
-        state = extended.select(index * joint.shape[1] + col[:, 0])  # the prefix grown by the best token
+        if ctc is not None:
+            states.append(extended)
+            offset += H * joint.shape[1]
+            state = extended.select(index * joint.shape[1] + col[:, 0])  # the prefix grown by the best token
+        if word_lm is not None:
+            best = [toks[0] for toks in tokens]
+            histories = [word_lm.advance(h, s, [t]) for h, s, t in zip(histories, lex_states, best)]
+            lex_states = [word_lm.lexicon.step(s, t) for s, t in zip(lex_states, best)]
     per_hyp = [[list(x) for x in zip(*lists)] for lists in (top_lp, top_tok, rows)]
-    return (*per_hyp, CTCPrefixState.cat(states))
+    return (*per_hyp, CTCPrefixState.cat(states) if states else None)
 
 
 def _path_states(lexicon: Lexicon, live: list, drafts: list, depth: int) -> list:

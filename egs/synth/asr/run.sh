@@ -32,6 +32,9 @@ beam_size=4
 beam_threshold=0.93  # tau of mtp-beam: the best dev WER within a third of beam's calls (RESULTS.md)
 joint_ctc_weight=0.5  # stage 10: the CTC weight of joint CTC/attention beam and mtp-beam-verify (dev: 0.3-0.6 within
                       # 0.7 points of each other, 0.5 best; RESULTS.md); 0 skips them
+word_lm_order=3    # stage 3 trains a word n-gram LM of this order on the corpus' text without audio (ngram_text.txt),
+                   # and stage 10's joint searches fuse it (--lm-weight); 0: neither
+lm_weight=0.5      # the word LM's weight (dev, joint beam: 0.3 / 0.5 / 0.7 / 1.0 -> 11.84 / 11.50 / 11.67 / 12.36%)
 lexicon=true       # decode with the training text's words only (data/lang_<type>/words.txt); greedy also without
 mwer_steps=30
 device=auto
@@ -44,7 +47,8 @@ record the options: to redo a stage with other options, remove its marker and th
   0  install the environment (tools/install.sh)
   1  synthesise the corpus and prepare Lhotse manifests (data/manifests)
   2  80-dim fbank features (data/fbank)
-  3  LM text (data/lm), sentencepiece tokenizer and word list (data/lang_<token_type>)
+  3  LM text (data/lm), sentencepiece tokenizer and word list (data/lang_<token_type>), and a word n-gram LM
+     (data/lm/word-<N>gram.arpa.gz, --word-lm-order N) of the corpus' text without audio
   4  pre-train the decoder LM with its MTP heads on text (exp/lm; only with --lm-epochs N > 0: from random weights
      the decoder learns to read the audio faster, see RESULTS.md); beside stage 5, one core each
   5  pre-train the encoder with CTC (exp/ctc; --ctc-epochs 0 skips it); alone, on two torchrun ranks
@@ -58,7 +62,7 @@ record the options: to redo a stage with other options, remove its marker and th
      32 CTC draft tokens per call, not 8, from two readings of each correction, --draft-branches 2), and
      ctc-rescore (the CTC search's 16 hypotheses scored by the decoder, two calls per utterance)
   10 beam searches: beam, the prefix-based mtp-beam and mtp-beam-verify (--beam-size); beam and mtp-beam-verify
-     again as joint CTC/attention decoding (--joint-ctc-weight)
+     again as joint CTC/attention decoding (--joint-ctc-weight) fused with the word n-gram LM (--lm-weight)
   11 MWER fine-tuning on mtp-beam N-best lists (exp/mwer; --mwer-steps)
   12 decode the MWER model: greedy, mtp-verify, mtp-beam
   13 results table: exp/summary.json and exp/summary.md
@@ -76,6 +80,7 @@ Options (default):
   --device ($device)
   --beam-size ($beam_size)  --beam-threshold ($beam_threshold)  --mwer-steps ($mwer_steps)
   --joint-ctc-weight ($joint_ctc_weight; 0 skips the joint rows)
+  --word-lm-order ($word_lm_order; 0: no word LM)  --lm-weight ($lm_weight)
   --lexicon ($lexicon)         true: stages 9, 10 and 12 decode with the words of the training text only (a
                               closed vocabulary, as a Kaldi lexicon); greedy also runs without it, for comparison
 "
@@ -102,6 +107,7 @@ if [ -x "$venv/bin/mtp-asr" ]; then
   export PATH="$PWD/$venv/bin:$PATH"
 fi
 lang=data/lang_$token_type
+word_lm=data/lm/word-${word_lm_order}gram.arpa.gz
 ctc_args=()
 if [ -n "$ctc_token_type" ]; then
   ctc_lang=data/lang_ctc_$ctc_token_type
@@ -155,6 +161,11 @@ if should_run 3 tokenizer; then
   if [ -n "$ctc_token_type" ]; then
     mtp-asr train-bpe data/fbank/cuts_train.jsonl.gz "$ctc_lang" --vocab-size "$ctc_vocab_size" \
       --model-type "$ctc_token_type"
+  fi
+  # The word LM's text: every sentence of the text sources' documents that hold no dev/test sentence (any words;
+  # not lm_text.txt, whose passages repeat its sentences and would make the counts overconfident, RESULTS.md).
+  if [ "$word_lm_order" -gt 0 ]; then
+    mtp-asr train-ngram data/manifests/corpus/ngram_text.txt "$word_lm" --order "$word_lm_order"
   fi
   mark_done tokenizer
 fi
@@ -245,10 +256,15 @@ if should_run 10 beam; then
   decode_all "$model" exp/asr/decode "beam mtp-beam mtp-beam-verify" --beam-size "$beam_size" \
     --threshold "$beam_threshold" \
     ${lex_args[@]+"${lex_args[@]}"}
-  # Joint CTC/attention decoding: every extension scored by the decoder and by the CTC head's prefix score.
-  if [ "$joint_ctc_weight" != 0 ]; then
-    decode_all "$model" exp/asr/decode "beam mtp-beam-verify" --beam-size "$beam_size" \
-      --ctc-weight "$joint_ctc_weight" ${lex_args[@]+"${lex_args[@]}"}
+  # Joint decoding: every extension scored by the decoder, the CTC head's prefix score and the word LM.
+  joint_args=()
+  if [ "$joint_ctc_weight" != 0 ]; then joint_args+=(--ctc-weight "$joint_ctc_weight"); fi
+  if [ "$word_lm_order" -gt 0 ] && [ "$lexicon" = true ]; then  # the LM scores words: the lexicon's
+    joint_args+=(--word-lm "$word_lm" --lm-weight "$lm_weight")
+  fi
+  if [ ${#joint_args[@]} -gt 0 ]; then
+    decode_all "$model" exp/asr/decode "beam mtp-beam-verify" --beam-size "$beam_size" "${joint_args[@]}" \
+      ${lex_args[@]+"${lex_args[@]}"}
   fi
   mark_done beam
 fi
