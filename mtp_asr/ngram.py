@@ -20,7 +20,7 @@ import gzip
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,7 +42,6 @@ class NgramLM:
         self.vocab = sorted(g[0] for g in prob if len(g) == 1)
         if EOS not in self.vocab:
             raise ValueError(f"n-gram LM {self.name} has no {EOS} unigram")
-        self._by_context = None  # context -> (words, log-probs) of its stored n-grams (for `distribution`)
 
     def logprob(self, history: Sequence[str], word: str) -> float:
         """log P(word | history): the longest stored n-gram ending in `word`, plus the back-off weights of the
@@ -68,31 +67,6 @@ class NgramLM:
             history.append(w)
         return total
 
-    def distribution(self, context: tuple, words: Sequence[str]) -> np.ndarray:
-        """log P(w | context) for every w in `words` (float64), computed for all of them at once: the shorter
-        context's vector plus this context's back-off weight, with its stored n-grams written over it."""
-        if self._by_context is None:
-            self._by_context = defaultdict(lambda: ([], []))
-            for g, p in self.prob.items():
-                entry = self._by_context[g[:-1]]
-                entry[0].append(g[-1])
-                entry[1].append(p)
-        index = {w: i for i, w in enumerate(words)}
-        unk = self.prob.get((UNK,), float("-inf"))
-        out = np.full(len(words), unk, dtype=np.float64)
-        for n in range(min(len(context), self.order - 1) + 1):
-            ctx = context[len(context) - n:] if n else ()
-            if n:
-                if ctx not in self._by_context and ctx not in self.bow:
-                    continue  # an unseen context: the shorter one's probabilities stand, bow 0
-                out += self.bow.get(ctx, 0.0)
-            stored_words, stored = self._by_context.get(ctx, ((), ()))
-            for w, p in zip(stored_words, stored):
-                i = index.get(w)
-                if i is not None:
-                    out[i] = p
-        return out
-
     def write_arpa(self, path) -> None:
         """The model as an ARPA file (gzip if `path` ends in .gz), written atomically."""
         by_order = [[] for _ in range(self.order + 1)]
@@ -113,12 +87,16 @@ class NgramLM:
             f.write("\n".join(lines))
 
     @classmethod
-    def read_arpa(cls, path) -> "NgramLM":
+    def read_arpa(cls, path, vocabulary: Optional[Iterable[str]] = None) -> "NgramLM":
+        """An ARPA file (.gz too). With `vocabulary`, the longer n-grams that hold another word are left out (all
+        unigrams stay): a search over a lexicon never reaches them, and a large LM then loads faster and smaller,
+        with the same probabilities for the lexicon's sentences."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"n-gram LM {path} does not exist")
         opener = gzip.open if path.suffix == ".gz" else open
         prob, bow, order, n = {}, {}, 0, 0
+        keep = None if vocabulary is None else set(vocabulary) | {BOS, EOS, UNK}
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 line = line.strip()
@@ -131,9 +109,11 @@ class NgramLM:
                 fields = line.split()
                 if n == 0 or len(fields) not in (n + 1, n + 2):
                     raise ValueError(f"{path}:{lineno}: not an ARPA {n}-gram line: {line[:80]!r}")
+                g = tuple(fields[1:n + 1])
+                if keep is not None and n > 1 and not keep.issuperset(g):
+                    continue
                 try:
                     p = float(fields[0])
-                    g = tuple(fields[1:n + 1])
                     prob[g] = float("-inf") if p <= NO_PROB else p * LOG10
                     if len(fields) == n + 2:
                         bow[g] = float(fields[-1]) * LOG10
@@ -142,6 +122,46 @@ class NgramLM:
         if not prob:
             raise ValueError(f"{path} holds no n-grams: not an ARPA file")
         return cls(order, prob, bow, name=path)
+
+
+class WordVectors:
+    """log P(w | context) for every word of a fixed list at once, as a vector per context: the shorter context's
+    vector plus this context's back-off weight, with this context's stored n-grams written over it. Every context's
+    vector is cached (the shorter ones serve many longer ones), up to `max_floats` numbers in all."""
+
+    def __init__(self, lm: NgramLM, words: Sequence[str], max_floats: int = 2 ** 24):
+        self.lm, self.size = lm, len(words)
+        index = {w: i for i, w in enumerate(words)}
+        stored = defaultdict(lambda: ([], []))  # context -> (indices into words, log-probs) of its stored n-grams
+        for g, p in lm.prob.items():
+            i = index.get(g[-1])
+            if i is not None:
+                stored[g[:-1]][0].append(i)
+                stored[g[:-1]][1].append(p)
+        self.stored = {h: (np.array(i, dtype=np.int64), np.array(p)) for h, (i, p) in stored.items()}
+        self.unk = lm.prob.get((UNK,), float("-inf"))
+        self.max_cached = max(8, max_floats // max(1, self.size))
+        self._cache = {}
+
+    def __call__(self, context: Sequence[str]) -> np.ndarray:
+        """The vector after `context` (its last order - 1 words count); read-only."""
+        return self._vector(tuple(context[len(context) - self.lm.order + 1:]) if self.lm.order > 1 else ())
+
+    def _vector(self, context: tuple) -> np.ndarray:
+        out = self._cache.get(context)
+        if out is None:
+            if context:
+                out = self._vector(context[1:]) + self.lm.bow.get(context, 0.0)
+            else:
+                out = np.full(self.size, self.unk, dtype=np.float64)
+            entry = self.stored.get(context)
+            if entry is not None:
+                out[entry[0]] = entry[1]
+            if len(self._cache) >= self.max_cached:
+                self._cache.clear()
+            self._cache[context] = out
+            out.flags.writeable = False
+        return out
 
 
 def train_kneser_ney(sentences: Iterable[Sequence[str]], order: int = 3, name: str = "<n-gram>") -> NgramLM:
@@ -192,13 +212,14 @@ def train_kneser_ney(sentences: Iterable[Sequence[str]], order: int = 3, name: s
 
 
 def _discounts(values: Iterable[int]) -> Tuple[float, float, float]:
-    """Modified Kneser-Ney's discounts for counts 1, 2 and 3+ from the order's count-of-counts; where the text is
-    too small for them (no count of 1..4, or a discount outside [0, count)), 0.5 / 1.0 / 1.5 minus nothing: the
-    values are clamped to that range instead."""
+    """Modified Kneser-Ney's discounts for counts 1, 2 and 3+ from the order's count-of-counts n1..n4 (Chen &
+    Goodman's estimates); 0.5 / 1 / 1.5 where the text is too small to have every n_k, or an estimate falls outside
+    (0, count) (text whose sentences repeat: a discount of 0 would leave no probability to back off with)."""
     n = Counter(min(v, 5) for v in values)
     n1, n2, n3, n4 = (n[k] for k in (1, 2, 3, 4))
+    fallback = (0.5, 1.0, 1.5)
     if min(n1, n2, n3, n4) == 0:
-        return 0.5, 1.0, 1.5
+        return fallback
     y = n1 / (n1 + 2 * n2)
     d = (1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3)
-    return tuple(min(max(x, 0.0), k - 1e-3) for x, k in zip(d, (1, 2, 3)))
+    return d if all(0 < x < k for x, k in zip(d, (1, 2, 3))) else fallback

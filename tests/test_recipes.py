@@ -13,6 +13,7 @@ import soundfile as sf
 import yaml
 
 from mtp_asr.decode.tree_spec import parse_tree
+from mtp_asr.ngram import NgramLM, train_kneser_ney
 from mtp_asr.train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,10 +82,13 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
             assert sorted(r["ctc_beam_size"] for r in ctcs) == ([1, 16] if model.startswith("avg") else [])
             rescore = [r for r in these if r["method"] == "ctc-rescore"]
             assert all(r["num_decoder_calls"] == 2 * r["num_utts"] for r in rescore)
-            # beam and mtp-beam-verify twice: the decoder alone, and joint CTC/attention decoding
-            joint = sorted(((r["method"], r["ctc_weight"]) for r in these if r["method"] in ("beam",
-                                                                                            "mtp-beam-verify")), key=str)
-            assert joint == ([("beam", 0.5), ("beam", None), ("mtp-beam-verify", 0.5), ("mtp-beam-verify", None)]
+            # beam and mtp-beam-verify twice: the decoder alone, and joint decoding with the CTC head and the word
+            # 3-gram of stage 3
+            joint = sorted(((r["method"], r["ctc_weight"], r["lm_weight"], r["word_lm"]) for r in these
+                            if r["method"] in ("beam", "mtp-beam-verify")), key=str)
+            arpa = str(Path("data") / "lm" / "word-3gram.arpa.gz")
+            assert joint == ([("beam", 0.5, 0.5, arpa), ("beam", None, None, None),
+                              ("mtp-beam-verify", 0.5, 0.5, arpa), ("mtp-beam-verify", None, None, None)]
                              if model.startswith("avg") else [])
             for r in these:
                 if r["method"] in ("mtp-verify", "ctc-verify"):
@@ -96,6 +100,7 @@ def test_quick_demo_end_to_end_rerun_and_resume(tmp_path):
     assert "| test | avg-epoch-3-avg-2-distilled | greedy lex |" in first.stdout
     lexicon = (recipe / "data" / "lang_char" / "words.txt").read_text().split()
     assert lexicon == sorted(set(lexicon)) and len(lexicon) > 100
+    assert NgramLM.read_arpa(recipe / "data" / "lm" / "word-3gram.arpa.gz").order == 3
     assert "stage 11: mwer" in first.stdout and "agree with greedy decoding" in first.stderr
     assert (recipe / "exp" / "mwer" / "tensorboard").is_dir()
     for name in ("recogs", "errs", "wer-summary", "summary"):
@@ -172,10 +177,18 @@ def test_librispeech_recipe_on_a_tiny_corpus(tmp_path):
                     for w in line.split()[1:]})
     lexicon = tmp_path / "lexicon.txt"
     lexicon.write_text("".join(f"{w} {' '.join(w)}\n" for w in words))
+    word_lm = tmp_path / "lm.arpa.gz"  # a word LM of the training transcripts (a user brings LibriSpeech's)
+    train_kneser_ney([line.split()[1:] for f in corpus.rglob("*.trans.txt") if f.parts[-4].startswith("train-")
+                      for line in f.read_text().splitlines()], 2).write_arpa(word_lm)
     proc = run(recipe, "--corpus-dir", corpus, "--lm-conf", "conf/lm_tiny.yaml", "--train-conf", "conf/train_tiny.yaml",
                "--vocab-size", 40, "--lm-epochs", 1, "--asr-epochs", 2, "--avg", 2, "--nj", 1, "--ngpu", 1,
-               "--thresholds", "0.8", "--decode-batch-size", 4, "--ctc-vocab-size", 28, "--lexicon", lexicon)
+               "--thresholds", "0.8", "--decode-batch-size", 4, "--ctc-vocab-size", 28, "--lexicon", lexicon,
+               "--word-lm", word_lm)
     rows = summary_rows(recipe)
+    # beam and mtp-beam-verify also fused with the word LM (no CTC term: the CTC head has its own vocabulary)
+    fused = sorted((r["method"], r["test_set"], r["ctc_weight"]) for r in rows if r["word_lm"])
+    assert fused == [(m, s, None) for m in ("beam", "mtp-beam-verify") for s in ("test-clean", "test-other")]
+    assert all(r["word_lm"] == str(word_lm) and r["lm_weight"] == 0.5 for r in rows if r["word_lm"])
     assert all(r["lexicon"] == str(lexicon) for r in rows if r["method"] != "ctc")
     for recogs in (recipe / "exp").rglob("recogs-*.txt"):
         if "-ctc-ctcB1-bs" in recogs.name:  # the CTC head's best path spells what it hears

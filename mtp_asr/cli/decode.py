@@ -199,6 +199,11 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
               help="Also run beam and mtp-beam (at every threshold) with this beam width.")
 @click.option("--ctc-weight", type=click.FloatRange(0, 1, min_open=True),
               help="With --beam-size: also run joint CTC/attention beam and mtp-beam-verify with this CTC weight.")
+@click.option("--word-lm", type=FILE,
+              help="With --beam-size and --lexicon: also run beam and mtp-beam-verify fused with this ARPA word LM "
+                   "(and the CTC head, with --ctc-weight).")
+@click.option("--lm-weight", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="The word LM's weight (with --word-lm).")
 @click.option("--max-draft", "max_drafts", type=click.IntRange(min=1), multiple=True,
               help="Draft tokens verified per call in the ctc-verify rows (default 32); repeatable. Each call costs "
                    "in proportion to the positions it verifies where compute is the bottleneck (a CPU).")
@@ -215,13 +220,14 @@ def decode_cmd(checkpoint, exp_dir, epoch, avg, device, method, num_heads, max_d
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @library_call
 def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes, thresholds, max_utts, num_threads,
-                  decoder_threads, lexicon, ctc_beam_size, beam_size, ctc_weight, max_drafts, draft_branches,
-                  draft_trees, repeats, out_dir):
+                  decoder_threads, lexicon, ctc_beam_size, beam_size, ctc_weight, word_lm, lm_weight, max_drafts,
+                  draft_branches, draft_trees, repeats, out_dir):
     """Greedy vs MTP decoding of one model on one cut set, in one process, after a warm-up.
 
     Prints a table (WER, decoder calls, tokens/call, decoder seconds, speed-up in calls and seconds versus greedy
     at the same batch size, RTF) and writes OUT_DIR/benchmark.json and benchmark.md. With --beam-size, beam and
-    mtp-beam rows follow the greedy-search ones (and with --ctc-weight, joint CTC/attention beam and mtp-beam-verify).
+    mtp-beam rows follow the greedy-search ones (and with --ctc-weight, joint CTC/attention beam and mtp-beam-verify;
+    with --word-lm, both fused with the word LM).
     """
     import torch
 
@@ -236,12 +242,14 @@ def benchmark_cmd(checkpoint, exp_dir, epoch, avg, device, manifest, batch_sizes
                                  param_hint="--batch-sizes")
     if not sizes or min(sizes) < 1:
         raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-sizes")
+    if word_lm and not (beam_size and lexicon):
+        raise click.BadParameter("needs --beam-size and --lexicon", param_hint="--word-lm")
     path, n_avg, _ = resolve_checkpoint(checkpoint, exp_dir, epoch, avg)
     run_benchmark(path, n_avg, manifest, sizes, list(thresholds) or [0.8], out_dir, device, max_utts=max_utts,
                   beam_size=beam_size, max_drafts=list(max_drafts) or [32],
                   draft_branches=list(draft_branches) or [1], draft_trees=draft_trees,
                   decoder_threads=decoder_threads, lexicon=lexicon, repeats=repeats, ctc_beam_size=ctc_beam_size,
-                  ctc_weight=ctc_weight)
+                  ctc_weight=ctc_weight, word_lm=word_lm, lm_weight=lm_weight)
 
 
 @main.command("draft-tree")

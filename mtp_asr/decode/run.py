@@ -144,14 +144,15 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
                   beam_size: Optional[int] = None, max_drafts: Sequence[int] = (32,),
                   draft_branches: Sequence[int] = (1,), draft_trees: Sequence[str] = (), decoder_threads: int = 1,
                   lexicon: Optional[Path] = None, repeats: int = 1, ctc_beam_size: Optional[int] = None,
-                  ctc_weight: Optional[float] = None) -> list:
+                  ctc_weight: Optional[float] = None, word_lm: Optional[Path] = None,
+                  lm_weight: float = DecodeSettings.lm_weight) -> list:
     """Every method at every batch size on one cut set, greedy first at each batch size, speed-ups versus that
     greedy run; `mtp-verify` and `ctc-verify` (for a model with a CTC head, at every draft length in `max_drafts` and
     number of branches in `draft_branches`) with a chain of head drafts and with each of `draft_trees`, and
     `ctc-rescore` (the CTC searches with `ctc_beam_size` prefixes, default DecodeSettings'); `beam` and
     `mtp-beam` (at every threshold) too when a beam size is given, and with `ctc_weight` joint CTC/attention `beam`
-    and `mtp-beam-verify`. With `repeats` > 1 the whole list of methods runs
-    that many times in turn and each method's seconds are the median over the rounds: on a shared machine whose
+    and `mtp-beam-verify`, and with `word_lm` (and a lexicon) both again fused with it. With `repeats` > 1 the
+    whole list of methods runs that many times in turn and each method's seconds are the median over the rounds: on a shared machine whose
     speed drifts by 10-20% within minutes, a drift then slows every method alike. With a lexicon every row is
     constrained by it (greedy too, so "same as greedy" still compares like with like). Writes benchmark.json and
     benchmark.md; returns the rows."""
@@ -174,8 +175,12 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
         methods += [DecodeSettings("beam", beam_size=beam_size)] + [
             DecodeSettings("mtp-beam", t, beam_size=beam_size) for t in thresholds] + [
             DecodeSettings("mtp-beam-verify", beam_size=beam_size)]
-        if ctc_weight and model.encoder.ctc_head is not None:
-            methods += [DecodeSettings(m, beam_size=beam_size, ctc_weight=ctc_weight) for m in JOINT_METHODS]
+        joint_ctc = ctc_weight if ctc_weight and model.encoder.ctc_head is not None else 0.0
+        if joint_ctc:
+            methods += [DecodeSettings(m, beam_size=beam_size, ctc_weight=joint_ctc) for m in JOINT_METHODS]
+        if word_lm:
+            methods += [DecodeSettings(m, beam_size=beam_size, ctc_weight=joint_ctc, lexicon=str(lexicon or ""),
+                                       word_lm=str(word_lm), lm_weight=lm_weight) for m in JOINT_METHODS]
     methods = [replace(s, decoder_threads=decoder_threads, lexicon=str(lexicon or "")) for s in methods]
     warm_up = [methods[0], replace(methods[0], method="mtp-verify")] + (methods[-1:] if beam_size else [])
     for settings in warm_up:  # allocator, kernels, caches (and the larger row counts of a beam)

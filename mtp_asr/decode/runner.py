@@ -353,16 +353,12 @@ def load_lexicon(path: str, tokenizer) -> Lexicon:
 
 
 @functools.lru_cache(maxsize=2)
-def load_ngram(path: str) -> NgramLM:
-    ngram = NgramLM.read_arpa(path)
-    logger.info("word LM %s: order %d, %d words, %d n-grams", path, ngram.order, len(ngram.vocab), len(ngram.prob))
-    return ngram
-
-
-@functools.lru_cache(maxsize=4)
 def load_word_lm(path: str, weight: float, lexicon: Lexicon) -> WordLM:
-    """The word LM fusion of a decode run, over its lexicon, built once and reused by every batch."""
-    return WordLM(load_ngram(path), lexicon, weight)
+    """The word LM fusion of a decode run, over its lexicon (the n-grams of other words left out), built once and
+    reused by every batch."""
+    ngram = NgramLM.read_arpa(path, vocabulary=lexicon.words)
+    logger.info("word LM %s: order %d, %d n-grams over the lexicon's words", path, ngram.order, len(ngram.prob))
+    return WordLM(ngram, lexicon, weight)
 
 
 def _search(model: SpeechLlama, prefix, prefix_lens, settings: DecodeSettings, limits, drafts, lexicon, joint=None,

@@ -17,7 +17,8 @@ decoder's pre-beam tokens get joint scores, extending the CTC prefix along the d
 is the joint score's best token. With one head it is joint `beam` (tests/test_joint_ctc.py). Demo dev, B=4, w=0.5:
 15.48% WER with 2686 decoder calls, joint beam 14.27% with 8590 (length_norm 1: 15.14%; B=8: 14.73% with 2837
 calls): the drafted search compares hypotheses of different lengths in one pool and explores differently; it finds
-a better joint score than joint beam as often as a worse one (egs/synth/asr/RESULTS.md).
+a better joint score than joint beam as often as a worse one (egs/synth/asr/RESULTS.md). A word LM's charges
+(`mtp_asr.decode.word_lm`) join the joint scores the same way, the LM history following the best token per depth.
 """
 from typing import Optional
 

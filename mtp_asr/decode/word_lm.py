@@ -11,7 +11,8 @@ recognition with word-based RNN language models") charges a hypothesis inside a 
 token, or EOS) log P(w | h) - LA(h, s): the charges telescope, so a finished hypothesis has been charged exactly
 log P(w_1 .. w_n </s>), and a partial one the probability of the words it can still become. The lexicon's words are
 laid out so that every state's words are consecutive (`Lexicon.spelled_words`), so LA is a difference of two
-cumulative sums of one distribution per history, computed once per history (`NgramLM.distribution`) and cached.
+cumulative sums of one distribution per history, computed once per history (`mtp_asr.ngram.WordVectors`) and
+cached.
 
 A search adds weight x this charge to each token's score, beside the decoder's (and the CTC head's) scores.
 """
@@ -21,7 +22,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from mtp_asr.decode.lexicon import Lexicon
-from mtp_asr.ngram import BOS, EOS, NgramLM
+from mtp_asr.ngram import BOS, EOS, NgramLM, WordVectors
 
 _FLOOR = -100.0  # log-probability of a lexicon word the LM cannot predict (no <unk>): improbable, not impossible
 _EXACT_SPAN = 16  # spans of at most this many words are summed directly (a difference of cumulative sums would
@@ -36,8 +37,10 @@ class WordLM:
         if weight < 0:
             raise ValueError(f"the word LM weight must be >= 0 (got {weight})")
         self.ngram, self.lexicon, self.weight = ngram, lexicon, weight
+        self.vectors = WordVectors(ngram, lexicon.spelled_words)
         self.start = self._extend((), BOS)
-        self._tables = {}  # history -> (log P(w | history) in spelled order, cumulative P, log P(</s> | history))
+        # history -> (log P(w | history) in spelled order, cumulative P, log P(</s> | history), {state: LA})
+        self._tables = {}
         self.max_cached = max(64, 2 ** 25 // (16 * len(lexicon.spelled_words)))  # at most 32 MB of tables
 
     def _table(self, history: tuple):
@@ -45,21 +48,26 @@ class WordLM:
         if table is None:
             if len(self._tables) >= self.max_cached:
                 self._tables.clear()
-            logp = np.maximum(self.ngram.distribution(history, self.lexicon.spelled_words), _FLOOR)
+            logp = np.maximum(self.vectors(history), _FLOOR)
             cumulative = np.concatenate([[0.0], np.cumsum(np.exp(logp))])
-            table = self._tables[history] = (logp, cumulative, self.ngram.logprob(history, EOS))
+            table = self._tables[history] = (logp, cumulative, self.ngram.logprob(history, EOS), {})
         return table
 
     def _lookahead(self, history: tuple, state: int) -> float:
         if state == Lexicon.start:
             return 0.0
-        logp, cumulative, _ = self._table(history)
-        lo, hi = self.lexicon.first[state], self.lexicon.last[state]
-        if hi - lo <= _EXACT_SPAN:
-            span = logp[lo:hi]
-            top = span.max()
-            return float(top + math.log(np.exp(span - top).sum()))
-        return math.log(max(cumulative[hi] - cumulative[lo], 1e-300))
+        logp, cumulative, _, known = self._table(history)
+        value = known.get(state)
+        if value is None:
+            lo, hi = self.lexicon.first[state], self.lexicon.last[state]
+            if hi - lo <= _EXACT_SPAN:
+                span = logp[lo:hi]
+                top = span.max()
+                value = float(top + math.log(np.exp(span - top).sum()))
+            else:
+                value = math.log(max(cumulative[hi] - cumulative[lo], 1e-300))
+            known[state] = value
+        return value
 
     def step(self, history: tuple, state: int, token: int) -> Tuple[float, tuple]:
         """The (unweighted) charge of `token` after a hypothesis with this history in lexicon `state`, and the
@@ -72,7 +80,7 @@ class WordLM:
             return self._lookahead(history, nxt) - self._lookahead(history, state), history
         charge, words = 0.0, history
         if lex.final[state]:  # the word ends here
-            logp, _, _ = self._table(history)
+            logp = self._table(history)[0]
             word = lex.word_id[state]
             charge = float(logp[word]) - self._lookahead(history, state)
             words = self._extend(history, lex.spelled_words[word])

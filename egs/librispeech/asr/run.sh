@@ -39,6 +39,9 @@ device=auto
 train_args=""      # more `--set key=value` overrides for training, e.g. "--set data.max_duration=300"
 lexicon=""         # a word list or Kaldi lexicon (e.g. librispeech-lexicon.txt): stages 8 and 10 decode with its
                    # words only (a closed vocabulary); "": any token sequence
+word_lm=""         # a word n-gram LM, ARPA (e.g. openslr.org/11's 3-gram.pruned.1e-7.arpa.gz, or `mtp-asr
+                   # train-ngram` on librispeech-lm-norm.txt); with --lexicon, stage 8's joint rows fuse it
+lm_weight=0.5      # its weight (the demo's dev choice; not measured on LibriSpeech)
 
 help_message="Usage: $0 --corpus-dir DIR [options]
 
@@ -57,8 +60,9 @@ options: to redo a stage with other options, remove its marker and those after i
      skips it; greedy output does not change)
   8  decode the test parts: the CTC head alone (ctc; best path, and with --lexicon a beam search over its words),
      greedy, mtp-threshold (a sweep), mtp-verify and ctc-verify (also with a draft tree fitted on dev, ctc-verify
-     then with --draft-branches 2), ctc-rescore, beam, mtp-beam, mtp-beam-verify; with --ctc-vocab-size 0, beam
-     and mtp-beam-verify also as joint CTC/attention decoding (--joint-ctc-weight)
+     then with --draft-branches 2), ctc-rescore, beam, mtp-beam, mtp-beam-verify; beam and mtp-beam-verify also
+     as joint decoding: with CTC prefix scores (--joint-ctc-weight, when --ctc-vocab-size 0) and with a word LM
+     (--word-lm, --lm-weight)
   9  MWER fine-tuning on mtp-beam N-best lists (exp/mwer; torchrun over --ngpu processes)
   10 decode the MWER model: greedy, mtp-verify, mtp-beam
   11 results table: exp/summary.json and exp/summary.md
@@ -76,12 +80,17 @@ Options (default):
   --joint-ctc-weight ($joint_ctc_weight; 0 skips the joint rows)
   --train-args (\"\")  extra --set overrides for stages 4, 5 and 9
   --lexicon (\"\")  a word list or Kaldi lexicon: stages 8 and 10 emit only its words
+  --word-lm (\"\")  an ARPA word LM (needs --lexicon)  --lm-weight ($lm_weight)
 "
 
 . tools/parse_options.sh
 . tools/log.sh
 . tools/stages.sh
 . tools/decode.sh
+
+if [ -n "$word_lm" ] && [ -z "$lexicon" ]; then
+  log "--word-lm $word_lm needs --lexicon: the LM scores words, so the searches must spell known ones"; exit 1
+fi
 
 venv=tools/venv
 if [ -x "$venv/bin/mtp-asr" ]; then
@@ -226,10 +235,15 @@ if should_run 8 decode; then
   decode_all "$model" exp/asr/decode "beam mtp-beam mtp-beam-verify" --beam-size "$beam_size" \
     --threshold "$beam_threshold" \
     ${lex_args[@]+"${lex_args[@]}"}
-  # Joint CTC/attention decoding scores the decoder's tokens with the CTC head: only when it predicts them.
+  # Joint decoding: the CTC head's prefix scores (only when it predicts the decoder's tokens) and the word LM.
+  joint_args=()
   if [ "$joint_ctc_weight" != 0 ] && [ "$ctc_vocab_size" -eq 0 ]; then
-    decode_all "$model" exp/asr/decode "beam mtp-beam-verify" --beam-size "$beam_size" \
-      --ctc-weight "$joint_ctc_weight" ${lex_args[@]+"${lex_args[@]}"}
+    joint_args+=(--ctc-weight "$joint_ctc_weight")
+  fi
+  if [ -n "$word_lm" ]; then joint_args+=(--word-lm "$word_lm" --lm-weight "$lm_weight"); fi
+  if [ ${#joint_args[@]} -gt 0 ]; then
+    decode_all "$model" exp/asr/decode "beam mtp-beam-verify" --beam-size "$beam_size" "${joint_args[@]}" \
+      ${lex_args[@]+"${lex_args[@]}"}
   fi
   mark_done decode
 fi
