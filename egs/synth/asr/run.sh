@@ -34,7 +34,8 @@ joint_ctc_weight=0.5  # stage 10: the CTC weight of joint CTC/attention beam and
                       # 0.7 points of each other, 0.5 best; RESULTS.md); 0 skips them
 word_lm_order=3    # stage 3 trains a word n-gram LM of this order on the corpus' text without audio (ngram_text.txt),
                    # and stage 10's joint searches fuse it (--lm-weight); 0: neither
-lm_weight=0.5      # the word LM's weight (dev, joint beam: 0.3 / 0.5 / 0.7 / 1.0 -> 11.84 / 11.50 / 11.67 / 12.36%)
+lm_weight=0.5      # the word LM's weight (dev, joint beam, an LM of nearly the same text: 0.3 / 0.5 / 0.7 / 1.0 ->
+                   # 11.84 / 11.50 / 11.67 / 12.36%; no LM 14.27%; RESULTS.md)
 lexicon=true       # decode with the training text's words only (data/lang_<type>/words.txt); greedy also without
 mwer_steps=30
 device=auto
