@@ -19,7 +19,8 @@ An utterance is a passage of 1-3 sentences (12-30 words, mean ~18; see synth_pas
 `hours` is the total audio over all four splits. dev and test take about 5% and 9% of the utterances (at least 3,
 at most 100 and 170, so they stay cheap to decode); test_unseen_voice speaks the test passages with held-out
 voices (see synth_voices); train gets the rest. No sentence of a dev or test passage occurs in train or
-lm_text.txt, and no document that holds one in ngram_text.txt; once every train passage has been spoken, the train sentences are regrouped into new passages.
+lm_text.txt, nor any document that holds one in ngram_text.txt; once every train passage has been spoken, the train
+sentences are regrouped into new passages.
 Everything is drawn from one random generator seeded by `seed`, so a seed fixes passages, voices, parameters and
 file names, and the audio too for the same engine versions. Utterance ids are `<voice_id>-p<passage id>`.
 """

@@ -42,7 +42,7 @@ Joint CTC/attention decoding (`beam` with a CTC prefix scorer, `mtp_asr.decode.c
 candidates are the decoder's 1.5 x B best tokens, ranked by (1 - w) x decoder + w x CTC prefix score; the token
 scores, and so the N-best scores, are those sums. On the demo's dev set (B=4, lexicon) 20.62% -> 14.27% WER at w=0.5.
 A word n-gram LM (`mtp_asr.decode.word_lm`, with the lexicon) adds its weighted charges to the same candidates'
-scores, with or without the CTC term: 14.27% -> 11.50% at LM weight 0.5 (egs/synth/asr/RESULTS.md).
+scores, with or without the CTC term: 14.27% -> 11.67% at LM weight 0.5 (egs/synth/asr/RESULTS.md).
 
 Measurements (this machine's CPU; a Speech-LLaMA with K=4 latent heads, encoder 96x2, decoder 128x3, trained 6 epochs
 on a 0.63 h stand-in corpus of noisy spoken-word feature patterns with real sentencepiece BPE pieces, because the demo

@@ -152,10 +152,10 @@ def run_benchmark(checkpoint: Path, avg: int, manifest: Path, batch_sizes: Seque
     `ctc-rescore` (the CTC searches with `ctc_beam_size` prefixes, default DecodeSettings'); `beam` and
     `mtp-beam` (at every threshold) too when a beam size is given, and with `ctc_weight` joint CTC/attention `beam`
     and `mtp-beam-verify`, and with `word_lm` (and a lexicon) both again fused with it. With `repeats` > 1 the
-    whole list of methods runs that many times in turn and each method's seconds are the median over the rounds: on a shared machine whose
-    speed drifts by 10-20% within minutes, a drift then slows every method alike. With a lexicon every row is
-    constrained by it (greedy too, so "same as greedy" still compares like with like). Writes benchmark.json and
-    benchmark.md; returns the rows."""
+    whole list of methods runs that many times in turn and each method's seconds are the median over the rounds: on
+    a shared machine whose speed drifts by 10-20% within minutes, a drift then slows every method alike. With a
+    lexicon every row is constrained by it (greedy too, so "same as greedy" still compares like with like). Writes
+    benchmark.json and benchmark.md; returns the rows."""
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1 (got {repeats})")
     dev = pick_device(device)
