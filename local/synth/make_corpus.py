@@ -285,9 +285,14 @@ def make_corpus(out_dir: Path, hours: float, seed: int = 0, jobs: int = 2, engin
     return stats
 
 
+def held_out_sentences(corpus_plan: CorpusPlan) -> Set[int]:
+    """The pool indices of the sentences that dev and test passages hold."""
+    return {i for u in corpus_plan.utterances if u.split != "train" for i in u.passage.sentence_indices}
+
+
 def lm_text(pool: SentencePool, corpus_plan: CorpusPlan) -> Tuple[Set[str], Set[str]]:
     """The LM text lines: every in-vocabulary sentence that no dev/test passage holds, and every train passage."""
-    held_out = {i for u in corpus_plan.utterances if u.split != "train" for i in u.passage.sentence_indices}
+    held_out = held_out_sentences(corpus_plan)
     sentences = {s.text for i, s in enumerate(pool.sentences) if i not in held_out}
     return sentences, {p.text for p in corpus_plan.train_passages}
 
@@ -295,8 +300,7 @@ def lm_text(pool: SentencePool, corpus_plan: CorpusPlan) -> Tuple[Set[str], Set[
 def ngram_text(pool: SentencePool, corpus_plan: CorpusPlan) -> Tuple[List[str], int]:
     """The word n-gram LM's lines (distinct sentences, sorted) and the number of documents left out: those holding
     a sentence of a dev/test passage (the whole document, so no neighbour of a test sentence lends it context)."""
-    held_out = {pool.sentences[i].text for u in corpus_plan.utterances if u.split != "train"
-                for i in u.passage.sentence_indices}
+    held_out = {pool.sentences[i].text for i in held_out_sentences(corpus_plan)}
     lines, dropped = set(), 0
     for document in source_documents():
         if any(text in held_out or pool_text in held_out for text, pool_text in document):

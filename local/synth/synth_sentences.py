@@ -162,23 +162,28 @@ def _kept_runs(runs: Iterable[Sequence[str]], kept: Sequence[Sentence]) -> Tuple
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=1)  # filtering the sources takes seconds; the result is immutable
-def source_candidates() -> Candidates:
+@functools.lru_cache(maxsize=1)  # reading the sources takes a second; the result is immutable
+def source_texts() -> Tuple[Tuple[str, ...], ...]:
+    """Every document of the sources (WordNet glosses' examples, fortune cookies) as its raw sentences."""
     for source in (WORDNET_DIR, FORTUNE_DIR):
         if not source.is_dir():
             raise FileNotFoundError(
                 f"{source} is missing: install the Debian packages wordnet-base, fortunes and fortunes-min"
             )
-    return candidate_sentences(list(wordnet_glosses()) + list(fortune_cookies()))
+    return tuple(tuple(d) for d in list(wordnet_glosses()) + list(fortune_cookies()))
+
+
+@functools.lru_cache(maxsize=1)  # filtering the sources takes seconds; the result is immutable
+def source_candidates() -> Candidates:
+    return candidate_sentences(source_texts())
 
 
 @functools.lru_cache(maxsize=1)
 def source_documents() -> Tuple[Tuple[Tuple[str, str], ...], ...]:
     """Every document of the sources as its sentences, each as (normalised text, the pool's text of it or "" where
     the prose filters reject it): the word n-gram LM's text, whatever its words (see make_corpus)."""
-    source_candidates()  # the same sources, checked
     out = []
-    for document in list(wordnet_glosses()) + list(fortune_cookies()):
+    for document in source_texts():
         sentences = []
         for raw in document:
             spoken = speakable(raw)

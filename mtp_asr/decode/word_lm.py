@@ -41,7 +41,8 @@ class WordLM:
         self.start = self._extend((), BOS)
         # history -> (log P(w | history) in spelled order, cumulative P, log P(</s> | history), {state: LA})
         self._tables = {}
-        self.max_cached = max(64, 2 ** 25 // (16 * len(lexicon.spelled_words)))  # at most 32 MB of tables
+        # about 32 MB of tables, and at least 64 (a large lexicon's tables are larger)
+        self.max_cached = max(64, 2 ** 25 // (16 * len(lexicon.spelled_words)))
 
     def _table(self, history: tuple):
         table = self._tables.get(history)
